@@ -1,0 +1,55 @@
+"""lora_anywhere: exact, fast LoRA adapters for any PyTorch model.
+
+    import lora_anywhere as la
+    la.apply(model, rank=8)          # adapters on every layer a rule knows; base frozen
+    ...train...
+    la.save_adapter(model, "adapter/")
+    la.load_adapter(base_model, "adapter/")
+    la.merge(model); la.remove(model)
+"""
+
+__version__ = "0.1.0"
+
+from .api import adapter_names, apply, merge, remove, unmerge
+from .errors import (
+    AdapterFileError,
+    AlreadyAdaptedError,
+    LazyLayerError,
+    LoraError,
+    NotAdaptedError,
+    RankError,
+    ShapeMismatchError,
+    TargetError,
+)
+from .hookspecs import hookimpl
+from .io import adapter_state_dict, load_adapter, save_adapter
+from .registry import Rule, Target, plugins, register_plugin, unregister_plugin
+from .summary import Summary, summary
+
+__all__ = [
+    "__version__",
+    "apply",
+    "merge",
+    "unmerge",
+    "remove",
+    "adapter_names",
+    "save_adapter",
+    "load_adapter",
+    "adapter_state_dict",
+    "summary",
+    "Summary",
+    "plugins",
+    "register_plugin",
+    "unregister_plugin",
+    "hookimpl",
+    "Rule",
+    "Target",
+    "LoraError",
+    "TargetError",
+    "RankError",
+    "AlreadyAdaptedError",
+    "NotAdaptedError",
+    "LazyLayerError",
+    "AdapterFileError",
+    "ShapeMismatchError",
+]

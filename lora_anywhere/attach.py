@@ -1,0 +1,129 @@
+"""How adapters reach a layer's output without changing what the layer is.
+
+An adapted module keeps its type (it gets a cached subclass of its own class, like
+torch's parametrize does), its attributes and exactly its state_dict keys: the base
+tensor stays in ``_parameters`` and the adapters live in a child ``lora_adapters``.
+The subclass adds, only while some adapter is live:
+
+* a property per adapted tensor that returns W + ΔW, so every reader sees the adapted
+  weight — the layer's own forward, a parent that calls ``F.linear(x, m.weight)``,
+  ``nn.MultiheadAttention`` reading ``out_proj.weight``, an RNN's flat weights;
+* on the activation path, a forward that runs the layer on its raw weight and adds
+  ``s·B(A(x))``, so no ΔW is materialised and no full weight gradient is computed.
+
+When nothing is live (all merged or disabled) the module gets its own class back and
+runs at exactly the base model's speed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapter import ACTIVATION, LayerAdapter
+
+ADAPTERS = "lora_adapters"
+_LAYER = "_lora_layer"  # on a tensor owner: the layer whose adapters apply
+_OWNER_PATH = "_lora_owner_path"  # on a tensor owner: its path below that layer
+
+_CLASSES: dict[tuple[type, tuple[str, ...], bool], type] = {}
+
+
+def base_class(module: nn.Module) -> type:
+    return getattr(type(module), "__lora_base__", type(module))
+
+
+def layer_adapters(layer: nn.Module) -> dict[str, LayerAdapter]:
+    adapters = layer._modules.get(ADAPTERS)
+    return dict(adapters.items()) if adapters is not None else {}
+
+
+def effective_tensor(owner: nn.Module, tensor: str, *, include_activation: bool = True) -> torch.Tensor:
+    """The tensor as the adapted model sees it: W plus every live adapter's ΔW."""
+    w = owner._parameters[tensor]
+    layer = owner.__dict__[_LAYER]
+    path = owner.__dict__[_OWNER_PATH]
+    for adapter in layer._modules[ADAPTERS].values():
+        if adapter.live and (include_activation or adapter.path != ACTIVATION):
+            delta = adapter.tensor_delta(path, tensor, w)
+            if delta is not None:
+                w = w + delta
+    return w
+
+
+def _tensor_property(tensor: str) -> property:
+    def get(self: nn.Module) -> torch.Tensor:
+        return effective_tensor(self, tensor)
+
+    get.__name__ = tensor
+    return property(get, doc=f"{tensor} with the live LoRA adapters added (lora_anywhere)")
+
+
+def _adapted_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    adapters = [a for a in self._modules[ADAPTERS].values() if a.live and a.path == ACTIVATION]
+    weight = effective_tensor(self, "weight", include_activation=False)
+    return adapters[0].rule.forward(self, weight, adapters, *args, **kwargs)
+
+
+def _reduce(self: nn.Module, protocol: int) -> Any:
+    # Lets pickle and copy rebuild the dynamic class from its importable base.
+    cls = type(self)
+    return (_rebuild, (cls.__lora_base__, cls.__lora_tensors__, cls.__lora_forward__), self.__getstate__())
+
+
+def _rebuild(base: type, tensors: tuple[str, ...], forward: bool) -> nn.Module:
+    return object.__new__(adapted_class(base, tensors, forward))
+
+
+def adapted_class(base: type, tensors: tuple[str, ...], forward: bool) -> type:
+    key = (base, tensors, forward)
+    cls = _CLASSES.get(key)
+    if cls is None:
+        namespace: dict[str, Any] = {t: _tensor_property(t) for t in tensors}
+        namespace.update(
+            __lora_base__=base,
+            __lora_tensors__=tensors,
+            __lora_forward__=forward,
+            __module__=base.__module__,
+            __qualname__=base.__qualname__,
+            __reduce_ex__=_reduce,
+        )
+        if forward:
+            namespace["forward"] = _adapted_forward
+        cls = type(base.__name__, (base,), namespace)
+        _CLASSES[key] = cls
+    return cls
+
+
+def refresh(layer: nn.Module) -> None:
+    """Give the layer and every tensor owner below it the class their live adapters need."""
+    adapters = layer_adapters(layer)
+    live = [a for a in adapters.values() if a.live]
+    owners: dict[str, set[str]] = {t.owner: set() for a in adapters.values() for t in a.targets.values()}
+    for adapter in live:
+        for t in adapter.targets.values():
+            owners[t.owner].add(t.tensor)
+    use_forward = any(a.path == ACTIVATION for a in live)
+    owners.setdefault("", set())
+    for path, tensors in owners.items():
+        owner = layer.get_submodule(path) if path else layer
+        base = base_class(owner)
+        forward = use_forward and path == ""
+        if forward:
+            tensors.discard("weight")  # the forward reads the raw weight itself
+            tensors_for_readers = ("weight",)  # but outside readers still see W + ΔW
+        else:
+            tensors_for_readers = ()
+        names = tuple(sorted(set(tensors) | set(tensors_for_readers)))
+        if names or forward:
+            owner.__class__ = adapted_class(base, names, forward)
+            owner.__dict__[_LAYER] = layer
+            owner.__dict__[_OWNER_PATH] = path
+        else:
+            owner.__class__ = base
+            owner.__dict__.pop(_LAYER, None)
+            owner.__dict__.pop(_OWNER_PATH, None)
+    if not adapters and ADAPTERS in layer._modules:
+        del layer._modules[ADAPTERS]

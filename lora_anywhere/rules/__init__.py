@@ -1,0 +1,1 @@
+"""Rules shipped with the core. Domain rules live in the plugins."""

@@ -1,0 +1,155 @@
+"""Rules for every weight layer in torch.nn — the built-in plugin.
+
+Registered through the same `lora_anywhere_register_rules` hook as any third-party
+plugin. Each rule is exact on both paths: the activation path (where offered) and the
+weight path give the same numbers, and so does the merged weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..hookspecs import hookimpl
+from ..registry import Rule, Target
+
+WEIGHT = (Target("weight", "weight"),)
+
+
+class LinearRule(Rule):
+    """y = x Wᵀ + b. On activations: ``+ s · (x Aᵀ) Bᵀ``."""
+
+    name = "torch.nn.Linear"
+    activation_base = nn.Linear
+
+    def targets(self, layer: nn.Module) -> Sequence[Target]:
+        return WEIGHT
+
+    def forward(self, layer, weight, adapters, x):  # type: ignore[override]
+        y = F.linear(x, weight, layer.bias)
+        for a in adapters:
+            f = a.factors["weight"]
+            y = y + F.linear(F.linear(a.dropout(x), f.A) * f.scale, f.B)
+        return y
+
+
+_CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class ConvRule(Rule):
+    """ConvNd with any kernel, stride, padding (incl. "same"), dilation, padding_mode
+    and groups. The matrix is out × (in/groups · k…), shared by the groups, so any rank
+    up to that matrix's full rank works, depthwise convs included.
+
+    On activations, A is a conv with the layer's own geometry (``layer._conv_forward``
+    applies padding_mode, padding, stride, dilation and groups exactly as the layer
+    does) and g·r output channels; B is a grouped 1×1 conv.
+    """
+
+    def __init__(self, base: type) -> None:
+        self.activation_base = base
+        self.name = f"torch.nn.{base.__name__}"
+        self.dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[base]
+
+    def targets(self, layer: nn.Module) -> Sequence[Target]:
+        return WEIGHT
+
+    def prefers_activation(self, layer: nn.Module, rank: int) -> bool:
+        # A costs rank·groups/out of the layer's own forward; the weight path costs one
+        # full weight gradient (about one forward). Depthwise convs go the weight way.
+        return rank * layer.groups * 2 <= layer.out_channels
+
+    def forward(self, layer, weight, adapters, x):  # type: ignore[override]
+        y = layer._conv_forward(x, weight, layer.bias)
+        g = layer.groups
+        ones = (1,) * self.dims
+        for a in adapters:
+            f = a.factors["weight"]
+            r = f.rank
+            a_kernel = f.A.view(r, *weight.shape[1:])
+            if g > 1:
+                a_kernel = a_kernel.repeat(g, *(1,) * (a_kernel.dim() - 1))
+            z = layer._conv_forward(a.dropout(x), a_kernel, None) * f.scale
+            y = y + _CONV_FN[self.dims](z, f.B.view(f.B.shape[0], r, *ones), groups=g)
+        return y
+
+
+class ConvTransposeRule(Rule):
+    """ConvTransposeNd incl. output_padding, dilation and groups. The weight is
+    in × out/groups × k…, so the matrix rows are the input channels. Weight path."""
+
+    def __init__(self, base: type) -> None:
+        self.name = f"torch.nn.{base.__name__}"
+
+    def targets(self, layer: nn.Module) -> Sequence[Target]:
+        return WEIGHT
+
+
+class EmbeddingRule(Rule):
+    """Embedding: the matrix is num_embeddings × dim, ΔW = s·B A with B a zero table of
+    rank-r rows. padding_idx rows get no gradient on either path. With ``max_norm`` the
+    renormalisation must see W + ΔW, so such a layer takes the weight path."""
+
+    name = "torch.nn.Embedding"
+    activation_base = nn.Embedding
+
+    def targets(self, layer: nn.Module) -> Sequence[Target]:
+        return WEIGHT
+
+    def supports_activation(self, layer: nn.Module) -> bool:
+        return layer.max_norm is None and super().supports_activation(layer)
+
+    def forward(self, layer, weight, adapters, x):  # type: ignore[override]
+        y = F.embedding(x, weight, layer.padding_idx, layer.max_norm, layer.norm_type, layer.scale_grad_by_freq, layer.sparse)
+        for a in adapters:
+            f = a.factors["weight"]
+            rows = F.embedding(x, f.B, layer.padding_idx, None, 2.0, layer.scale_grad_by_freq, False)
+            y = y + rows @ (f.A * f.scale)
+        return y
+
+
+class MultiheadAttentionRule(Rule):
+    """nn.MultiheadAttention: the q, k and v blocks of the packed ``in_proj_weight``
+    (or ``q/k/v_proj_weight`` when kdim/vdim differ) and ``out_proj``. The module
+    hands these tensors to ``F.multi_head_attention_forward`` itself, so only the
+    weight path is exact; targets ``"q"``, ``"k"``, ``"v"``, ``"out"`` pick blocks."""
+
+    name = "torch.nn.MultiheadAttention"
+
+    def targets(self, layer: nn.Module) -> Sequence[Target]:
+        e = layer.embed_dim
+        if layer._qkv_same_embed_dim:
+            qkv = [Target(n, "in_proj_weight", rows=(i * e, (i + 1) * e)) for i, n in enumerate("qkv")]
+        else:
+            qkv = [Target(n, f"{n}_proj_weight") for n in "qkv"]
+        return (*qkv, Target("out", "weight", owner="out_proj"))
+
+
+class RNNRule(Rule):
+    """RNN, LSTM (incl. proj_size) and GRU: every input, hidden and projection matrix
+    of every layer and direction (``weight_ih_l0``, ``weight_hh_l1_reverse``, …)."""
+
+    name = "torch.nn.RNNBase"
+
+    def targets(self, layer: nn.Module) -> Sequence[Target]:
+        return tuple(Target(n, n) for n in layer._flat_weights_names if n.startswith("weight_"))
+
+
+@hookimpl
+def lora_anywhere_register_rules(register: Callable[[type, Rule], None]) -> None:
+    register(nn.Linear, LinearRule())
+    for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        register(conv, ConvRule(conv))
+    for conv in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+        register(conv, ConvTransposeRule(conv))
+    register(nn.Embedding, EmbeddingRule())
+    register(nn.MultiheadAttention, MultiheadAttentionRule())
+    register(nn.RNNBase, RNNRule())
+
+
+@hookimpl
+def lora_anywhere_register_presets(register: Callable[[str, Any], None]) -> None:
+    register("all", None)

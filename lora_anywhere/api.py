@@ -91,6 +91,10 @@ def resolve_targets(layer_name: str, layer: nn.Module, rule: Rule, wanted: froze
             owner_path, tensor_name = _parametrized_source(layer_name, owner, t)
             owner = layer.get_submodule(owner_path)
             parametrized = True
+        elif _hook_weight_norm(owner, t.tensor):
+            # The old nn.utils.weight_norm recomputes `weight` from weight_g and
+            # weight_v before every forward: adapt v, the tensor of the weight's shape.
+            tensor_name, parametrized = f"{t.tensor}_v", True
         tensor = owner._parameters.get(tensor_name)
         if tensor is None:
             raise LoraError(f"rule {rule.name} names tensor {t.tensor!r} of {layer_name or '<root>'}, which has no such parameter")
@@ -103,6 +107,12 @@ def resolve_targets(layer_name: str, layer: nn.Module, rule: Rule, wanted: froze
             raise LoraError(f"rule {rule.name} names {t.tensor!r} of {layer_name or '<root>'}, a {tensor.dim()}-D tensor; only matrices (2-D or more) can take a low-rank update")
         resolved.append(ResolvedTarget(t.name, owner_path, tensor_name, t.rows, tuple(tensor.shape)))
     return resolved, parametrized
+
+
+def _hook_weight_norm(owner: nn.Module, tensor: str) -> bool:
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return any(isinstance(h, WeightNorm) and h.name == tensor for h in owner._forward_pre_hooks.values())
 
 
 def _parametrized_source(layer_name: str, owner: nn.Module, t: Any) -> tuple[str, str]:

@@ -102,6 +102,9 @@ def refresh(layer: nn.Module) -> None:
     adapters = layer_adapters(layer)
     live = [a for a in adapters.values() if a.live]
     owners: dict[str, set[str]] = {t.owner: set() for a in adapters.values() for t in a.targets.values()}
+    for path, module in layer.named_modules():  # owners swapped earlier, to reset
+        if module.__dict__.get(_LAYER) is layer:
+            owners.setdefault(path, set())
     for adapter in live:
         for t in adapter.targets.values():
             owners[t.owner].add(t.tensor)

@@ -32,3 +32,9 @@ def lora_anywhere_register_model_sources(register: Callable) -> None:
 def lora_anywhere_register_presets(register: Callable) -> None:
     """Register named target presets: call ``register(name, selector)``; a user then
     writes ``apply(model, targets="name")``."""
+
+
+@hookspec
+def lora_anywhere_register_tasks(register: Callable) -> None:
+    """Register trainer tasks: call ``register(name, task)`` where ``task`` is a
+    `lora_anywhere.Task` subclass instance (e.g. "node-classification")."""

@@ -100,6 +100,7 @@ class Registry:
         self._rules: dict[type, Rule] = {}
         self.presets: dict[str, Any] = {}
         self.model_sources: dict[str, Callable[..., nn.Module]] = {}
+        self.tasks: dict[str, Any] = {}
 
     def register(self, layer_type: type, rule: Rule) -> None:
         if not isinstance(layer_type, type) or not issubclass(layer_type, nn.Module):
@@ -190,6 +191,7 @@ class _Plugins:
             "lora_anywhere_register_rules": None,  # per plugin, below
             "lora_anywhere_register_presets": registry.presets.__setitem__,
             "lora_anywhere_register_model_sources": registry.model_sources.__setitem__,
+            "lora_anywhere_register_tasks": registry.tasks.__setitem__,
         }
         for info in self._infos.values():
             info.rules = []

@@ -1,0 +1,141 @@
+"""Checks that an adapted model is exact, for this project's tests and for plugin authors.
+
+    from lora_anywhere.testing import check_exact
+    report = check_exact(lambda: MyNet(), (torch.randn(2, 16),))
+    print(report.coverage)
+
+`check_exact` runs the whole contract on one model: output equal to the base at init;
+randomised adapters change it; merged == unmerged; unmerge restores; only adapter
+parameters train; save then load onto a fresh base reproduces the output; `remove`
+gives back the original types and state_dict keys with the merged output.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from . import api, attach, io
+from .adapter import LowRank
+from .summary import summary
+
+Inputs = Any  # a tuple of positional args, a dict of keyword args, or a callable(model)
+
+
+def tensors_of(value: Any) -> Iterator[torch.Tensor]:
+    """Every floating tensor in a nested output (tuples, lists, dicts, dataclasses)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex():
+            yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from tensors_of(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from tensors_of(v)
+    elif hasattr(value, "to_tuple"):  # transformers' ModelOutput
+        yield from tensors_of(value.to_tuple())
+    elif hasattr(value, "__dataclass_fields__"):
+        yield from tensors_of([getattr(value, f) for f in value.__dataclass_fields__])
+
+
+def run(model: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
+    with torch.no_grad():
+        if callable(inputs) and not isinstance(inputs, nn.Module):
+            out = inputs(model)
+        elif isinstance(inputs, dict):
+            out = model(**inputs)
+        else:
+            out = model(*inputs)
+    return [t.detach().clone() for t in tensors_of(out)]
+
+
+def max_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Largest difference relative to the output's scale, over all outputs."""
+    assert len(a) == len(b), f"outputs differ in count: {len(a)} vs {len(b)}"
+    worst = 0.0
+    for x, y in zip(a, b):
+        assert x.shape == y.shape, f"output shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}"
+        scale = max(x.abs().max().item(), 1e-3) if x.numel() else 1.0
+        worst = max(worst, (x - y).abs().max().item() / scale if x.numel() else 0.0)
+    return worst
+
+
+@torch.no_grad()
+def randomize_adapters(model: nn.Module, std: float = 0.05, seed: int = 0) -> None:
+    """Give every adapter a non-zero B (and a fresh A), as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, LowRank):
+            for p in (module.A, module.B):
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p) * std)
+
+
+@dataclass
+class Report:
+    coverage: float
+    adapted: int
+    init_error: float
+    change: float
+    merge_error: float
+    unmerge_error: float
+    load_error: float
+    remove_error: float
+
+
+def check_exact(
+    factory: Callable[[], nn.Module],
+    inputs: Inputs,
+    *,
+    tol: float = 1e-4,
+    std: float = 0.05,
+    seed: int = 0,
+    **apply_kwargs: Any,
+) -> Report:
+    """Run the adapter contract on ``factory()``; raise AssertionError on any breach."""
+    apply_kwargs.setdefault("rank", 4)
+    torch.manual_seed(seed)
+    model = factory().eval()
+    keys = list(model.state_dict())
+    types = {n: type(m) for n, m in model.named_modules()}
+    base = run(model, inputs)
+
+    api.apply(model, **apply_kwargs)
+    assert list(k for k in model.state_dict() if attach.ADAPTERS not in k.split(".")) == keys, "apply changed the base state_dict keys"
+    init = max_error(base, run(model, inputs))
+    assert init <= tol, f"output at init differs from the base by {init:.2e}"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    non_adapter = {n for n in trainable if attach.ADAPTERS not in n.split(".")}
+    allowed = tuple(f"{t}." for t in api.model_state(model).adapters[apply_kwargs.get("name", api.DEFAULT)].trainable)
+    assert all(n.startswith(allowed) for n in non_adapter) if allowed else not non_adapter, f"base parameters left trainable: {sorted(non_adapter)[:5]}"
+
+    randomize_adapters(model, std, seed)
+    adapted = run(model, inputs)
+    change = max_error(base, adapted)
+    assert change > 10 * tol, f"randomised adapters do not change the output (max change {change:.2e})"
+    api.merge(model)
+    merge_err = max_error(adapted, run(model, inputs))
+    assert merge_err <= tol, f"merged output differs from unmerged by {merge_err:.2e}"
+    api.unmerge(model)
+    unmerge_err = max_error(adapted, run(model, inputs))
+    assert unmerge_err <= tol, f"unmerged output differs by {unmerge_err:.2e}"
+    report_summary = summary(model)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        io.save_adapter(model, f"{tmp}/adapter")
+        torch.manual_seed(seed)
+        fresh = factory().eval()
+        io.load_adapter(fresh, f"{tmp}/adapter")
+        load_err = max_error(adapted, run(fresh, inputs))
+        assert load_err <= tol, f"a saved and reloaded adapter differs by {load_err:.2e}"
+
+    api.remove(model, merge=True)
+    assert list(model.state_dict()) == keys, "remove did not restore the original state_dict keys"
+    assert {n: type(m) for n, m in model.named_modules()} == types, "remove did not restore the original module types"
+    remove_err = max_error(adapted, run(model, inputs))
+    assert remove_err <= tol, f"remove(merge=True) output differs by {remove_err:.2e}"
+    return Report(report_summary.coverage, len(report_summary.rows), init, change, merge_err, unmerge_err, load_err, remove_err)

@@ -1,0 +1,37 @@
+"""Shared fixtures. `coverage_table` collects the share of matrix weights each zoo
+model gets adapters on, and the run prints it at the end."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+_COVERAGE: list[tuple[str, str, float, int]] = []
+
+
+@pytest.fixture
+def coverage_table():
+    """Call ``coverage_table(domain, model_name, report)`` with a testing.Report."""
+
+    def record(domain: str, name: str, report) -> None:
+        _COVERAGE.append((domain, name, report.coverage, report.adapted))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _COVERAGE:
+        return
+    tr = terminalreporter
+    tr.section("lora_anywhere: matrix-weight coverage per model")
+    for domain, name, coverage, adapted in sorted(_COVERAGE):
+        tr.write_line(f"{domain:<8} {name:<44} {100 * coverage:7.2f}%  ({adapted} adapted tensors)")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_known_warnings():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*weight_norm is deprecated.*")
+        warnings.filterwarnings("ignore", message=".*not supported with oneDNN.*")
+        yield

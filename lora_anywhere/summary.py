@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from . import attach
 from .api import adapted_layers
+
+
+#: Parameters that are ≥ 2-D but are lookup tables of positions, special tokens or
+#: attention biases, not weight matrices: coverage does not count them.
+TABLE_NAME = re.compile(r"(pos|position|token|bias_table|rel_pos|relative|_bias$)", re.IGNORECASE)
+
+
+def is_matrix(name: str, shape: tuple[int, ...]) -> bool:
+    """A weight matrix: two or more dimensions longer than 1 (weight_norm's g and a
+    class token are vectors in disguise), and not a position/token/bias table."""
+    return sum(d > 1 for d in shape) >= 2 and TABLE_NAME.search(name.rsplit(".", 1)[-1]) is None
 
 
 @dataclass
@@ -27,7 +39,7 @@ class Summary:
     adapter_params: int = 0
     trainable_params: int = 0
     total_params: int = 0  # base parameters, adapters not counted
-    matrix_params: int = 0  # base parameters in tensors of 2 or more dimensions
+    matrix_params: int = 0  # base parameters in weight matrices (see `is_matrix`)
     covered_params: int = 0  # of those, the ones an adapter updates
 
     @property
@@ -79,7 +91,7 @@ def summary(model: nn.Module) -> Summary:
         if is_adapter:
             continue
         s.total_params += p.numel()
-        if p.dim() >= 2:
+        if id(p) in covered or is_matrix(name, tuple(p.shape)):
             s.matrix_params += p.numel()
             s.covered_params += covered.get(id(p), 0)
     return s

@@ -32,6 +32,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 @pytest.fixture(autouse=True)
 def _quiet_known_warnings():
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*weight_norm is deprecated.*")
+        warnings.filterwarnings("ignore", message=".*weight_norm.*deprecated.*")
         warnings.filterwarnings("ignore", message=".*not supported with oneDNN.*")
         yield

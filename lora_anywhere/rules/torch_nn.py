@@ -90,8 +90,10 @@ class ConvTransposeRule(Rule):
 
 class EmbeddingRule(Rule):
     """Embedding: the matrix is num_embeddings × dim, ΔW = s·B A with B a zero table of
-    rank-r rows. padding_idx rows get no gradient on either path. With ``max_norm`` the
-    renormalisation must see W + ΔW, so such a layer takes the weight path."""
+    rank-r rows. B's padding_idx row starts at zero and gets no gradient on either path,
+    so the padding row is never adapted. With ``max_norm`` the renormalisation must see
+    W + ΔW, so such a layer takes the weight path (and, unlike the plain layer, leaves
+    the frozen base rows as they are)."""
 
     name = "torch.nn.Embedding"
     activation_base = nn.Embedding

@@ -1,0 +1,318 @@
+"""Property tests: every torch.nn rule is exact over random layer configurations.
+
+For each configuration: output equals the base at init; randomised adapters change
+it; merged == unmerged; unmerge restores; save/load round trip; remove gives back the
+original types and keys (all in `check_exact`); the activation and weight paths give
+the same outputs and the same adapter gradients; only adapters receive gradients; a
+dense layer's merged update has rank ≤ r.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import lora_anywhere as la
+from lora_anywhere.testing import check_exact, randomize_adapters
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+
+
+@st.composite
+def linears(draw):
+    i, o = draw(st.integers(1, 24)), draw(st.integers(1, 24))
+    bias = draw(st.booleans())
+    lead = draw(st.lists(st.integers(1, 3), min_size=1, max_size=3))
+    return (lambda: nn.Linear(i, o, bias=bias)), (torch.randn(*lead, i),)
+
+
+@st.composite
+def convs(draw):
+    dims = draw(st.integers(1, 3))
+    groups = draw(st.sampled_from([1, 2, 4]))
+    cin = groups * draw(st.integers(1, 3))
+    cout = groups * draw(st.integers(1, 4))
+    depthwise = draw(st.booleans())
+    if depthwise:
+        cin, groups = cout, cout
+    k = tuple(draw(st.integers(1, 3)) for _ in range(dims))
+    stride = draw(st.integers(1, 2))
+    dilation = draw(st.integers(1, 2))
+    mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
+    padding = draw(st.sampled_from(["same", 0, 1])) if stride == 1 else draw(st.sampled_from([0, 1]))
+    if mode != "zeros" and padding == 0:
+        padding = 1
+    conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    size = 7 if dims < 3 else 5
+    x = torch.randn(2, cin, *(size,) * dims)
+    return (lambda: conv_cls(cin, cout, k, stride=stride, padding=padding, dilation=dilation, groups=groups, padding_mode=mode)), (x,)
+
+
+@st.composite
+def conv_transposes(draw):
+    dims = draw(st.integers(1, 3))
+    groups = draw(st.sampled_from([1, 2]))
+    cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
+    k = draw(st.integers(1, 3))
+    stride = draw(st.integers(1, 3))
+    dilation = draw(st.integers(1, 2))
+    output_padding = draw(st.integers(0, max(0, max(stride, dilation) - 1)))
+    cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
+    x = torch.randn(2, cin, *(4,) * dims)
+    padding = draw(st.integers(0, 1))
+    return (lambda: cls(cin, cout, k, stride=stride, padding=padding, output_padding=output_padding, groups=groups, dilation=dilation)), (x,)
+
+
+
+
+@st.composite
+def embeddings(draw):
+    n, d = draw(st.integers(2, 30)), draw(st.integers(1, 12))
+    padding_idx = draw(st.one_of(st.none(), st.integers(0, n - 1)))
+    x = torch.randint(0, n, (3, 5))
+    return (lambda: nn.Embedding(n, d, padding_idx=padding_idx)), (x,)
+
+
+@st.composite
+def attentions(draw):
+    heads = draw(st.sampled_from([1, 2, 4]))
+    e = heads * draw(st.integers(2, 4))
+    separate = draw(st.booleans())
+    kdim, vdim = (draw(st.integers(1, 9)), draw(st.integers(1, 9))) if separate else (None, None)
+    batch_first = draw(st.booleans())
+    bias = draw(st.booleans())
+    L, S, N = 4, 5, 2
+    shape = (lambda n, l, d: (n, l, d)) if batch_first else (lambda n, l, d: (l, n, d))
+    q = torch.randn(*shape(N, L, e))
+    k = torch.randn(*shape(N, S, kdim or e))
+    v = torch.randn(*shape(N, S, vdim or e))
+    factory = lambda: nn.MultiheadAttention(e, heads, bias=bias, kdim=kdim, vdim=vdim, batch_first=batch_first)  # noqa: E731
+    return factory, (q, k, v)
+
+
+@st.composite
+def recurrents(draw):
+    cls = draw(st.sampled_from([nn.RNN, nn.LSTM, nn.GRU]))
+    i, h = draw(st.integers(1, 8)), draw(st.integers(2, 8))
+    layers = draw(st.integers(1, 2))
+    bidirectional = draw(st.booleans())
+    kwargs = dict(num_layers=layers, bidirectional=bidirectional, batch_first=draw(st.booleans()))
+    if cls is nn.LSTM and draw(st.booleans()):
+        kwargs["proj_size"] = draw(st.integers(1, h - 1))
+    x = torch.randn(3, 4, i)
+    return (lambda: cls(i, h, **kwargs)), (x,)
+
+
+def _rank_for(factory, wanted=2):
+    """Rank 2, or the layer's full rank when that is smaller (a 1-wide layer)."""
+    weight = factory().weight
+    return min(wanted, weight.shape[0], weight[0].numel())
+
+
+def _exact_both_paths(factory, inputs, rank=None):
+    rank = rank or _rank_for(factory)
+    for path in ("activation", "weight"):
+        check_exact(factory, inputs, rank=rank, path=path)
+    _paths_agree(factory, inputs, rank)
+
+
+def _outputs(model, inputs):
+    out = model(*inputs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _paths_agree(factory, inputs, rank):
+    """Same adapters, activation vs weight path: same outputs and same gradients."""
+    results = []
+    for path in ("activation", "weight"):
+        torch.manual_seed(0)
+        model = factory().train()
+        la.apply(model, rank=rank, path=path)
+        randomize_adapters(model, seed=1)
+        if getattr(model, "padding_idx", None) is not None:
+            with torch.no_grad():  # as in training: B's padding row starts at 0 and never moves
+                model.lora_adapters.default.factors.weight.B[model.padding_idx] = 0
+        out = _outputs(model, inputs)
+        out.float().pow(2).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+        assert not frozen_with_grad, f"frozen parameters received gradients: {frozen_with_grad}"
+        assert all(".lora_adapters." in f".{n}" for n in grads), f"non-adapter parameters train: {list(grads)}"
+        results.append((out.detach(), grads))
+    (out_a, g_a), (out_w, g_w) = results
+    torch.testing.assert_close(out_a, out_w, rtol=1e-4, atol=1e-5)
+    assert g_a.keys() == g_w.keys()
+    for name in g_a:
+        torch.testing.assert_close(g_a[name], g_w[name], rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@SETTINGS
+@given(linears())
+def test_linear(case):
+    _exact_both_paths(*case)
+
+
+@SETTINGS
+@given(convs())
+def test_conv(case):
+    _exact_both_paths(*case)
+
+
+@SETTINGS
+@given(conv_transposes())
+def test_conv_transpose(case):
+    check_exact(*case, rank=_rank_for(case[0]))
+
+
+@SETTINGS
+@given(embeddings())
+def test_embedding(case):
+    _exact_both_paths(*case)
+
+
+def test_embedding_max_norm_renormalises_the_adapted_rows():
+    """max_norm renormalises looked-up rows in place on every forward, so outputs
+    depend on history; compare merged and unmerged copies on their first forward."""
+    torch.manual_seed(0)
+    model = nn.Embedding(10, 4, max_norm=1.0)
+    weight = model.weight.detach().clone()
+    la.apply(model, rank=2)
+    randomize_adapters(model, std=0.5)
+    merged = copy.deepcopy(model)
+    la.merge(merged)
+    x = torch.tensor([[1, 2, 3], [3, 4, 9]])
+    unmerged_out = model(x)
+    torch.testing.assert_close(merged(x), unmerged_out)
+    assert unmerged_out.norm(dim=-1).max() <= 1.0 + 1e-5
+    torch.testing.assert_close(model.weight.detach() - weight, la.adapter_state_dict(model)["lora//weight/B"] @ la.adapter_state_dict(model)["lora//weight/A"])
+
+
+@SETTINGS
+@given(attentions())
+def test_multihead_attention(case):
+    check_exact(*case, rank=2)
+
+
+@SETTINGS
+@given(recurrents())
+def test_recurrent(case):
+    check_exact(*case, rank=2)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: nn.Linear(20, 30),
+        lambda: nn.Conv2d(12, 16, 3),
+        lambda: nn.Conv1d(8, 8, 5, groups=8),
+        lambda: nn.ConvTranspose2d(6, 10, 3),
+        lambda: nn.LSTM(6, 10),
+    ],
+)
+def test_merged_delta_has_rank_at_most_r(factory):
+    torch.manual_seed(0)
+    model = factory()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    la.apply(model, rank=3)
+    randomize_adapters(model)
+    la.merge(model)
+    la.remove(model, merge=True)
+    for name, param in model.named_parameters():
+        delta = (param.detach() - before[name]).reshape(param.shape[0], -1)
+        if name.startswith("weight"):
+            assert torch.linalg.matrix_rank(delta, atol=1e-5).item() <= 3, name
+
+
+def test_mha_reads_adapted_weights_directly():
+    """Code that reads in_proj_weight (as WavLM does) must see the adapter."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2)
+    x = torch.randn(3, 8)
+    base = nn.functional.linear(x, mha.in_proj_weight)
+    la.apply(mha, rank=2, targets="MultiheadAttention:q,v")
+    randomize_adapters(mha)
+    adapted = nn.functional.linear(x, mha.in_proj_weight)
+    assert not torch.allclose(adapted[:, :8], base[:, :8])  # q changed
+    torch.testing.assert_close(adapted[:, 8:16], base[:, 8:16])  # k untouched
+    assert not torch.allclose(adapted[:, 16:], base[:, 16:])  # v changed
+
+
+def test_out_proj_delta_added_once():
+    """PEFT adds the MHA output delta twice; merged and unmerged must agree here."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(2, 4, 8)
+    la.apply(mha, rank=2, targets="MultiheadAttention:out")
+    randomize_adapters(mha)
+    unmerged = mha(x, x, x)[0]
+    la.merge(mha)
+    torch.testing.assert_close(mha(x, x, x)[0], unmerged, rtol=1e-5, atol=1e-6)
+
+
+def test_parent_reads_child_attributes():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, stride=2)
+            self.qkv = nn.Linear(8, 24)
+            self.self_attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            assert self.conv1.stride == (2, 2) and self.self_attn.batch_first
+            h = self.conv1(x).flatten(2).transpose(1, 2)
+            q, k, v = nn.functional.linear(h, self.qkv.weight, self.qkv.bias).chunk(3, -1)
+            return self.self_attn(q, k, v)[0]
+
+    check_exact(Block, (torch.randn(2, 3, 9, 9),), rank=2)
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm", "old_weight_norm"])
+def test_parametrized_weights_compose_and_merge(norm):
+    def factory():
+        conv = nn.Conv1d(6, 8, 3, padding=1)
+        if norm == "weight_norm":
+            return nn.utils.parametrizations.weight_norm(conv, dim=2)
+        if norm == "spectral_norm":
+            return nn.utils.parametrizations.spectral_norm(conv).eval()
+        return nn.utils.weight_norm(conv, dim=2)
+
+    check_exact(factory, (torch.randn(2, 6, 10),), rank=2)
+    model = factory()
+    la.apply(model, rank=2)
+    randomize_adapters(model)
+    la.merge(model)
+    is_param = nn.utils.parametrize.is_parametrized(model, "weight")
+    assert is_param or hasattr(model, "weight_v"), "merging dropped the weight parametrization"
+    assert la.summary(model).rows, "merging dropped the adapter"
+
+
+def test_lazy_layer_needs_a_forward_first():
+    model = nn.Sequential(nn.LazyLinear(4))
+    with pytest.raises(la.LazyLayerError, match="run one forward pass"):
+        la.apply(model)
+    model(torch.randn(2, 3))
+    check_exact(_materialised_lazy, (torch.randn(2, 3, 6),))
+
+
+def _materialised_lazy():
+    model = nn.Sequential(nn.LazyConv1d(4, 1), nn.Flatten(), nn.LazyLinear(5))
+    model(torch.randn(2, 3, 6))
+    return model
+
+
+def test_deepcopy_and_pickle_of_adapted_model(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+    la.apply(model, rank=2)
+    randomize_adapters(model)
+    x = torch.randn(1, 3, 6, 6)
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(clone(x), model(x))
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    torch.testing.assert_close(loaded(x), model(x))

@@ -151,6 +151,7 @@ def _plan(
     hits = {id(s): False for s in (target_set.selectors if target_set else [])}
     ex_hits = {id(s): False for s in (exclude_set.selectors if exclude_set else [])}
     claimed: set[str] = set()
+    tensor_layer = _adapted_tensors(model)
     plans: list[LayerPlan] = []
 
     for name, module in model.named_modules():
@@ -174,6 +175,9 @@ def _plan(
                 if not wanted:
                     continue
         resolved, parametrized = resolve_targets(name, module, rule, wanted)
+        resolved = _first_holder_only(name, module, resolved, tensor_layer)
+        if not resolved:
+            continue
         for t in rule.targets(module):
             if t.owner:
                 claimed.add(f"{name}.{t.owner}" if name else t.owner)
@@ -201,6 +205,36 @@ def _plan(
         largest = max(max(t.full_rank for t in p.targets) for p in plans)
         raise RankError(f"rank {rank} is larger than the full rank of every selected layer (the largest is {largest}); use rank ≤ {largest}")
     return plans
+
+
+def _adapted_tensors(model: nn.Module) -> dict[int, str]:
+    """id of every tensor that already carries an adapter → the layer holding it."""
+    held: dict[int, str] = {}
+    for layer_name, layer, adapters in adapted_layers(model):
+        for adapter in adapters.values():
+            for t in adapter.targets.values():
+                owner = layer.get_submodule(t.owner) if t.owner else layer
+                held[id(owner._parameters[t.tensor])] = layer_name
+    return held
+
+
+def _first_holder_only(name: str, module: nn.Module, resolved: list[ResolvedTarget], tensor_layer: dict[int, str]) -> list[ResolvedTarget]:
+    """Tied weights (one Parameter held by several modules, e.g. input embeddings and
+    an LM head) get one adapter, on the first layer that selects them; the other
+    holders read its W + ΔW (`attach.record_ties`). Two adapters on one tensor would
+    make merging add both deltas where each reader saw only its own."""
+    keep = []
+    for t in resolved:
+        owner = module.get_submodule(t.owner) if t.owner else module
+        if tensor_layer.setdefault(id(owner._parameters[t.tensor]), name) == name:
+            keep.append(t)
+    if keep and len(keep) < len(resolved):
+        shared = sorted({t.name for t in resolved} - {t.name for t in keep})
+        raise TargetError(
+            f"layer {name or '<root>'} shares target(s) {', '.join(shared)} with a layer adapted before it, but not its other targets; "
+            f"exclude those targets (e.g. '{name}:{','.join(shared)}') or the other layer"
+        )
+    return keep
 
 
 def _match_and_count(selectors: SelectorSet, hits: dict[int, bool], name: str, module: nn.Module):
@@ -314,6 +348,7 @@ def install(model: nn.Module, plans: list[LayerPlan], config: AdapterConfig, dro
     touched: list[nn.Module] = []
     state = model_state(model)
     fresh_state = state is None
+    holders = attach.tensor_holders(model)
     try:
         for plan in plans:
             ref = plan.targets[0]
@@ -328,6 +363,7 @@ def install(model: nn.Module, plans: list[LayerPlan], config: AdapterConfig, dro
                 plan.module.add_module(attach.ADAPTERS, container)
             touched.append(plan.module)
             container[config.name] = adapter
+            attach.record_ties(plan.module, holders)
             attach.refresh(plan.module)
             config.layers[plan.name] = LayerRecord(
                 rule=plan.rule.name,

@@ -23,10 +23,12 @@ import torch
 from torch import nn
 
 from .adapter import ACTIVATION, LayerAdapter
+from .errors import LoraError
 
 ADAPTERS = "lora_adapters"
 _LAYER = "_lora_layer"  # on a tensor owner: the layer whose adapters apply
 _OWNER_PATH = "_lora_owner_path"  # on a tensor owner: its path below that layer
+_TIED = "_lora_tied"  # on a layer: modules outside it that hold one of its adapted tensors
 
 _CLASSES: dict[tuple[type, tuple[str, ...], bool], type] = {}
 
@@ -97,6 +99,37 @@ def adapted_class(base: type, tensors: tuple[str, ...], forward: bool) -> type:
     return cls
 
 
+def tensor_holders(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every Parameter held by more than one module (tied weights), with its holders."""
+    found: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                found.setdefault(id(p), []).append((module, name))
+    return {k: v for k, v in found.items() if len(v) > 1}
+
+
+def record_ties(layer: nn.Module, holders: dict[int, list[tuple[nn.Module, str]]]) -> None:
+    """Remember the other holders of the layer's adapted tensors, so `refresh` makes
+    them read W + ΔW too: a tied LM head then computes with the adapted embedding,
+    unmerged exactly as merged."""
+    tied: list[tuple[nn.Module, str, str]] = list(layer.__dict__.get(_TIED, ()))
+    for adapter in layer_adapters(layer).values():
+        for t in adapter.targets.values():
+            owner = layer.get_submodule(t.owner) if t.owner else layer
+            for module, name in holders.get(id(owner._parameters[t.tensor]), ()):
+                if module is owner or any(m is module for m, _, _ in tied):
+                    continue
+                if name != t.tensor or module.__dict__.get(_LAYER, layer) is not layer:
+                    raise LoraError(
+                        f"{t.tensor!r} of {type(owner).__name__} is tied to {name!r} of a {type(module).__name__} that is adapted on its own "
+                        "or holds it under another name; exclude one of the two"
+                    )
+                tied.append((module, t.owner, t.tensor))
+    if tied:
+        layer.__dict__[_TIED] = tied
+
+
 def refresh(layer: nn.Module) -> None:
     """Give the layer and every tensor owner below it the class their live adapters need."""
     adapters = layer_adapters(layer)
@@ -128,5 +161,17 @@ def refresh(layer: nn.Module) -> None:
             owner.__class__ = base
             owner.__dict__.pop(_LAYER, None)
             owner.__dict__.pop(_OWNER_PATH, None)
-    if not adapters and ADAPTERS in layer._modules:
-        del layer._modules[ADAPTERS]
+    live_tensors = {(t.owner, t.tensor) for a in live for t in a.targets.values()}
+    for module, path, tensor in layer.__dict__.get(_TIED, ()):
+        if (path, tensor) in live_tensors:
+            module.__class__ = adapted_class(base_class(module), (tensor,), False)
+            module.__dict__[_LAYER] = layer
+            module.__dict__[_OWNER_PATH] = path
+        else:
+            module.__class__ = base_class(module)
+            module.__dict__.pop(_LAYER, None)
+            module.__dict__.pop(_OWNER_PATH, None)
+    if not adapters:
+        layer.__dict__.pop(_TIED, None)
+        if ADAPTERS in layer._modules:
+            del layer._modules[ADAPTERS]

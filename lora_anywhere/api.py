@@ -19,6 +19,7 @@ from .registry import Rule, registry
 from .selection import ALL, SelectorSet, compile_many, first_value
 
 DEFAULT = "default"
+DEFAULT_RANK = 8
 PATHS = ("auto", ACTIVATION, WEIGHT)
 _STATE = "_lora_anywhere_state"
 
@@ -143,6 +144,7 @@ def _plan(
     alphas: dict | None,
     path: str,
     skip: set[str],
+    rank_given: bool = True,
 ) -> list[LayerPlan]:
     reg = registry()
     presets = reg.presets
@@ -201,7 +203,7 @@ def _plan(
                 f"{what} {', '.join(missing)} matched no layer that lora_anywhere can adapt; "
                 f"adaptable layers in this model: {_adaptable_summary(model)}"
             )
-    if plans and not ranks and rank > max(max(t.full_rank for t in p.targets) for p in plans):
+    if plans and rank_given and not ranks and rank > max(max(t.full_rank for t in p.targets) for p in plans):
         largest = max(max(t.full_rank for t in p.targets) for p in plans)
         raise RankError(f"rank {rank} is larger than the full rank of every selected layer (the largest is {largest}); use rank ≤ {largest}")
     return plans
@@ -285,6 +287,9 @@ def _resolve_trainable(model: nn.Module, trainable: Any) -> list[str]:
             found = [n for n in found if not _under(n, set(found) - {n})]
         if not found:
             raise TargetError(f"trainable {spec!r} matched no module; give module names as in model.named_modules(), e.g. 'fc' or 'classifier.*'")
+        empty = [n for n in found if not any(True for _ in modules[n].parameters())]
+        if empty:
+            raise TargetError(f"trainable {spec!r} matched {', '.join(empty)}, which has no parameters to train; name the module that holds them")
         names.extend(n for n in found if n not in names)
     return names
 
@@ -295,7 +300,7 @@ def _resolve_trainable(model: nn.Module, trainable: Any) -> list[str]:
 def apply(
     model: nn.Module,
     *,
-    rank: int = 8,
+    rank: int | None = None,
     alpha: float | None = None,
     targets: Any = None,
     exclude: Any = None,
@@ -309,13 +314,16 @@ def apply(
     """Add a low-rank adapter to every layer a rule covers (or those `targets` select),
     freeze every base parameter, and return the model (changed in place).
 
-    ``alpha`` defaults to ``rank`` (scale 1). ``ranks``/``alphas`` map selectors to
+    ``rank`` (default 8) is clamped to each layer's full rank; a rank given explicitly
+    that no selected layer can hold is an error. ``alpha`` defaults to ``rank`` (scale 1). ``ranks``/``alphas`` map selectors to
     per-layer values. ``trainable`` names modules trained fully and saved with the
     adapter (a new head; norms with their running statistics). ``path`` forces how
     adapters are computed ("activation" where a rule offers it, or "weight"); both give
     the same numbers, "auto" picks the cheaper per layer. If anything fails, the model
     is left exactly as it was.
     """
+    rank_given = rank is not None
+    rank = DEFAULT_RANK if rank is None else rank
     _check_options(rank, alpha, dropout, path, name)
     state = model_state(model)
     if (state and name in state.adapters) or any(name in a for _, _, a in adapted_layers(model)):
@@ -324,7 +332,7 @@ def apply(
             "or call lora_anywhere.remove(model) first"
         )
     trainable_names = _resolve_trainable(model, trainable)
-    plans = _plan(model, rank=rank, alpha=alpha, targets=targets, exclude=exclude, ranks=ranks, alphas=alphas, path=path, skip=set(trainable_names))
+    plans = _plan(model, rank=rank, alpha=alpha, targets=targets, exclude=exclude, ranks=ranks, alphas=alphas, path=path, skip=set(trainable_names), rank_given=rank_given)
     if not plans and not trainable_names:
         raise TargetError(f"nothing to adapt in {type(model).__name__}: no layer is covered by a rule; adaptable layers: {_adaptable_summary(model)}")
     config = AdapterConfig(

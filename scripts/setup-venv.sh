@@ -6,8 +6,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv="$root/.venv"
 stamp="$venv/.lora_anywhere-setup"
-# Bump this when the pins below or the extras in pyproject.toml change.
-want="v1 torch==2.9.1 torchvision==0.24.1 torchaudio==2.9.1 $(sha1sum "$root/pyproject.toml" | cut -c1-12)"
+# Changes whenever pyproject.toml or the pinned versions in constraints.txt change.
+want="v1 $(cat "$root/pyproject.toml" "$root/scripts/constraints.txt" | sha1sum | cut -c1-12)"
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
@@ -17,9 +17,13 @@ python3 -m venv "$venv"
 py="$venv/bin/python"
 # The machine-wide pip constraint file caps torch at the versions on disk; our pins
 # are below that cap, so it can stay.
-"$py" -m pip install -q --upgrade pip
-"$py" -m pip install -q torch==2.9.1 torchvision==0.24.1
-"$py" -m pip install -q torch==2.9.1 torchaudio==2.9.1
-"$py" -m pip install -q -e "$root[all,dev]"
+pins="$root/scripts/constraints.txt"
+quiet() { "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+quiet "$py" -m pip install -q --upgrade pip
+# torchaudio first pulls a torch of its own choosing unless torch is pinned with it.
+quiet "$py" -m pip install -q -c "$pins" torch torchvision
+quiet "$py" -m pip install -q -c "$pins" torch torchaudio
+"$py" -m pip install -q -c "$pins" -e "$root[all,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+"$py" -c "import torch, torchvision, torchaudio, lora_anywhere" || { echo "[setup] failed: see pip output above" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "[setup] done" >&2

@@ -164,7 +164,12 @@ class _Plugins:
             registered = pm.register(plugin, name=name)
             if registered is None:
                 raise ValueError(f"plugin {name or plugin!r} is already registered")
-            pm.check_pending()
+            try:
+                pm.check_pending()
+            except pluggy.PluginValidationError as exc:
+                pm.unregister(name=registered)
+                known = ", ".join(sorted(n for n in dir(hookspecs) if n.startswith("lora_anywhere_")))
+                raise ValueError(f"plugin {registered!r}: {exc}; the hooks are {known}") from exc
             self._infos[registered] = PluginInfo(registered, "active", "runtime")
             self._registry = None
             return registered

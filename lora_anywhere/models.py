@@ -34,7 +34,10 @@ def build_model(spec: str, **kwargs: Any) -> nn.Module:
             factory = getattr(module, name)
         except AttributeError as exc:
             raise LoraError(f"model spec {spec!r}: module {prefix} has no attribute {name!r}") from exc
-        model = factory(**kwargs)
+        try:
+            model = factory(**kwargs)
+        except TypeError as exc:
+            raise LoraError(f"model spec {spec!r}: calling {prefix}.{name}() failed ({exc}); point the spec at a callable that builds the model from defaults") from exc
     if not isinstance(model, nn.Module):
         raise LoraError(f"model spec {spec!r} built a {type(model).__name__}, not an nn.Module")
     return model

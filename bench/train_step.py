@@ -1,0 +1,195 @@
+"""Train-step time of LoRA against full fine-tuning, the BitFit floor and PEFT.
+
+    .venv/bin/python bench/train_step.py            # every model
+    .venv/bin/python bench/train_step.py --quick    # fewer repeats, smaller models
+
+Every contender is a copy of the same model in this one process; their steps are
+interleaved (one step of each, round after round) so that drifting machine load hits
+them alike, and the median step time is reported, relative to the BitFit floor: only
+1-D parameters (biases, norms) train, so the backward runs through every layer but
+computes no weight gradient — no adapter that trains inside every layer can be cheaper.
+Writes bench/results/train_step.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import lora_anywhere as la
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[], tuple]
+    loss: Callable[[object], torch.Tensor]
+    note: str = ""
+
+
+def _classify(out: object) -> torch.Tensor:
+    logits = out if isinstance(out, torch.Tensor) else out[0]
+    return F.cross_entropy(logits.float().flatten(0, -2), torch.zeros(logits.flatten(0, -2).shape[0], dtype=torch.long))
+
+
+def cases(quick: bool) -> list[Case]:
+    import timm
+    import torchvision
+
+    px = 96 if quick else 160
+    return [
+        Case("resnet50", lambda: torchvision.models.resnet50(num_classes=10), lambda: (torch.randn(8, 3, px, px),), _classify, f"{px} px, batch 8"),
+        Case("mobilenet_v3_large", lambda: torchvision.models.mobilenet_v3_large(num_classes=10), lambda: (torch.randn(8, 3, px, px),), _classify, f"{px} px, batch 8"),
+        Case(
+            "vit_small",
+            lambda: timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10, img_size=112 if quick else 224),
+            lambda: (torch.randn(8, 3, 112 if quick else 224, 112 if quick else 224),),
+            _classify,
+            f"{112 if quick else 224} px, batch 8",
+        ),
+        Case("lstm_tagger", lambda: LSTMTagger(), lambda: (torch.randint(0, 5000, (16, 64)),), _classify, "2-layer BiLSTM 256, 16×64 tokens"),
+    ]
+
+
+class LSTMTagger(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5000, 128)
+        self.lstm = nn.LSTM(128, 256, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(512, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(self.embed(x))[0])
+
+
+def bitfit(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(p.dim() == 1)
+    return model
+
+
+def peft_lora(model: nn.Module, rank: int) -> nn.Module:
+    import peft
+
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)) and n]
+    return peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=names))
+
+
+@dataclass
+class Contender:
+    name: str
+    model: nn.Module | None
+    error: str | None = None
+    times: list[float] = field(default_factory=list)
+    optimizer: torch.optim.Optimizer | None = None
+
+
+def contenders(case: Case, rank: int, with_peft: bool) -> list[Contender]:
+    torch.manual_seed(0)
+    base = case.build()
+    makers: dict[str, Callable[[nn.Module], nn.Module]] = {
+        "full fine-tuning": lambda m: m,
+        "BitFit floor": bitfit,
+        "lora_anywhere": lambda m: la.apply(m, rank=rank),
+        "lora_anywhere, weight path": lambda m: la.apply(m, rank=rank, path="weight"),
+    }
+    if with_peft:
+        makers["PEFT LoRA"] = lambda m: peft_lora(m, rank)
+    out = []
+    for name, make in makers.items():
+        try:
+            model = make(copy.deepcopy(base)).train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            out.append(Contender(name, model, optimizer=torch.optim.AdamW(params, lr=1e-4)))
+        except Exception as exc:  # PEFT refuses some layers: report, don't crash
+            out.append(Contender(name, None, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"))
+    return out
+
+
+def step(c: Contender, case: Case, inputs: tuple) -> float:
+    start = time.perf_counter()
+    c.optimizer.zero_grad(set_to_none=True)
+    loss = case.loss(c.model(*inputs))
+    loss.backward()
+    c.optimizer.step()
+    return time.perf_counter() - start
+
+
+def run_case(case: Case, rank: int, repeats: int, with_peft: bool) -> dict:
+    all_contenders = contenders(case, rank, with_peft)
+    live = [c for c in all_contenders if c.model is not None]
+    torch.manual_seed(1)
+    inputs = case.inputs()
+    for c in live:  # warm-up
+        for _ in range(2):
+            step(c, case, inputs)
+    for _ in range(repeats):
+        for c in live:
+            c.times.append(step(c, case, inputs))
+    floor = statistics.median(next(c for c in live if c.name == "BitFit floor").times)
+    rows = {}
+    for c in all_contenders:
+        if c.model is None:
+            rows[c.name] = {"error": c.error}
+            continue
+        median = statistics.median(c.times)
+        trainable = sum(p.numel() for p in c.model.parameters() if p.requires_grad)
+        rows[c.name] = {"median_s": median, "ratio_to_floor": median / floor, "trainable_params": trainable}
+    return {"case": case.name, "note": case.note, "rank": rank, "repeats": repeats, "contenders": rows}
+
+
+def markdown(results: list[dict]) -> str:
+    names = list(results[0]["contenders"])
+    lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for r in results:
+        cells = []
+        for n in names:
+            c = r["contenders"].get(n, {})
+            cells.append(f"refuses ({c['error'][:60]})" if "error" in c else f"{c['ratio_to_floor']:.2f}× ({1000 * c['median_s']:.0f} ms)")
+        lines.append(f"| {r['case']} ({r['note']}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller inputs and fewer repeats (a few minutes)")
+    parser.add_argument("--models", default=None, help="comma-separated subset of: resnet50, mobilenet_v3_large, vit_small, lstm_tagger")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--no-peft", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    repeats = args.repeats or (5 if args.quick else 15)
+    selected = [c for c in cases(args.quick) if not args.models or c.name in args.models.split(",")]
+    results = []
+    for case in selected:
+        print(f"== {case.name} ({case.note})", flush=True)
+        result = run_case(case, args.rank, repeats, with_peft=not args.no_peft)
+        for name, row in result["contenders"].items():
+            print(f"   {name:<28} " + (f"refuses: {row['error']}" if "error" in row else f"{row['ratio_to_floor']:.2f}× floor ({1000 * row['median_s']:.0f} ms)"), flush=True)
+        results.append(result)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "python": sys.version.split()[0], "quick": args.quick}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "train_step_quick" if args.quick else "train_step"
+    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    (args.out / f"{stem}.md").write_text(f"Train step, median of {repeats} interleaved steps, relative to the BitFit floor. {meta}\n\n" + markdown(results) + "\n")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""The graph plugin: exact adapters on a zoo of real torch_geometric layers and models,
+class-name and part targets, PyG's lazy and custom-state_dict Linear, the "pyg"
+model source, and the plugin being inactive without torch_geometric."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+
+import lora_anywhere as la
+from lora_anywhere.models import build_model
+from lora_anywhere.testing import check_exact, randomize_adapters
+
+pyg = pytest.importorskip("torch_geometric")
+from torch_geometric.nn import (  # noqa: E402
+    MLP,
+    AntiSymmetricConv,
+    ChebConv,
+    EdgeConv,
+    GATConv,
+    GATv2Conv,
+    GatedGraphConv,
+    GCNConv,
+    GENConv,
+    GINConv,
+    GINEConv,
+    GraphConv,
+    HeteroDictLinear,
+    HeteroLinear,
+    Linear,
+    PNAConv,
+    ResGatedGraphConv,
+    RGCNConv,
+    SAGEConv,
+    SGConv,
+    TransformerConv,
+)
+
+NODES, EDGES, FEATURES, EDGE_DIM, RELATIONS = 30, 100, 16, 3, 3
+
+
+def graph(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(NODES, FEATURES, generator=gen),
+        "edge_index": torch.randint(0, NODES, (2, EDGES), generator=gen),
+        "edge_attr": torch.randn(EDGES, EDGE_DIM, generator=gen),
+        "edge_type": torch.randint(0, RELATIONS, (EDGES,), generator=gen),
+        "type_vec": torch.randint(0, RELATIONS, (NODES,), generator=gen),
+    }
+
+
+G = graph()
+
+
+class Net(nn.Module):
+    """A conv inside a model, called the way its kind needs: the rule's owner paths
+    then start below a non-root layer, as in real models."""
+
+    def __init__(self, conv: nn.Module, extra: str = "") -> None:
+        super().__init__()
+        self.conv = conv
+        self.extra = extra
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, edge_attr: torch.Tensor, edge_type: torch.Tensor) -> torch.Tensor:
+        if self.extra == "edge_attr":
+            return self.conv(x, edge_index, edge_attr)
+        if self.extra == "edge_type":
+            return self.conv(x, edge_index, edge_type)
+        if self.extra == "pair":
+            return self.conv((x, x.flip(0)), edge_index)
+        return self.conv(x, edge_index)
+
+
+def mlp(*sizes: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes, sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def weight_normed_mlp() -> nn.Sequential:
+    net = mlp(FEATURES, 32, 32)
+    nn.utils.parametrizations.weight_norm(net[0])
+    return net
+
+
+AGG = dict(aggregators=["mean", "min", "max", "std"], scalers=["identity", "amplification", "attenuation"], deg=torch.tensor([0, 3, 6, 8, 5, 4, 2, 1, 1]))
+
+CONVS: dict[str, tuple[Callable[[], nn.Module], str]] = {
+    "GCNConv": (lambda: GCNConv(FEATURES, 32), ""),
+    "GATConv(edge_dim, residual)": (lambda: GATConv(FEATURES, 8, heads=2, edge_dim=EDGE_DIM, residual=True), "edge_attr"),
+    "GATConv(bipartite)": (lambda: GATConv((FEATURES, FEATURES), 8, heads=2), "pair"),
+    "GATv2Conv(edge_dim)": (lambda: GATv2Conv(FEATURES, 8, heads=2, edge_dim=EDGE_DIM), "edge_attr"),
+    "GATv2Conv(share_weights)": (lambda: GATv2Conv(FEATURES, 8, heads=2, share_weights=True), ""),
+    "SAGEConv(project)": (lambda: SAGEConv(FEATURES, 32, project=True), ""),
+    "GINConv": (lambda: GINConv(mlp(FEATURES, 32, 32), train_eps=True), ""),
+    "GINConv(weight_norm)": (lambda: GINConv(weight_normed_mlp()), ""),
+    "GINEConv": (lambda: GINEConv(mlp(FEATURES, 32, 32), edge_dim=EDGE_DIM), "edge_attr"),
+    "GraphConv": (lambda: GraphConv(FEATURES, 32), ""),
+    "TransformerConv(edge_dim, beta)": (lambda: TransformerConv(FEATURES, 8, heads=2, edge_dim=EDGE_DIM, beta=True), "edge_attr"),
+    "ChebConv": (lambda: ChebConv(FEATURES, 32, K=3), ""),
+    "ResGatedGraphConv": (lambda: ResGatedGraphConv(FEATURES, 32), ""),
+    "GENConv(edge_dim)": (lambda: GENConv(FEATURES, 32, edge_dim=EDGE_DIM, learn_t=True, num_layers=2), "edge_attr"),
+    "SGConv": (lambda: SGConv(FEATURES, 32, K=2), ""),
+    "EdgeConv": (lambda: EdgeConv(mlp(2 * FEATURES, 32, 32)), ""),
+    "RGCNConv": (lambda: RGCNConv(FEATURES, 32, num_relations=RELATIONS), "edge_type"),
+    "RGCNConv(bases)": (lambda: RGCNConv(FEATURES, 32, num_relations=RELATIONS, num_bases=2), "edge_type"),
+    "RGCNConv(blocks)": (lambda: RGCNConv(FEATURES, 32, num_relations=RELATIONS, num_blocks=4), "edge_type"),
+    "PNAConv(towers)": (lambda: PNAConv(FEATURES, 32, towers=2, edge_dim=EDGE_DIM, **AGG), "edge_attr"),
+    "GatedGraphConv": (lambda: GatedGraphConv(FEATURES, num_layers=2), ""),
+    "AntiSymmetricConv": (lambda: AntiSymmetricConv(FEATURES, num_iters=2), ""),
+}
+
+MODELS: dict[str, dict[str, Any]] = {
+    "GCN": {},
+    "GAT": {"heads": 2},
+    "GAT(v2)": {"heads": 2, "v2": True},
+    "GraphSAGE": {},
+    "GIN": {},
+    "EdgeCNN": {},
+    "PNA": {},
+    "GCN(jk=cat)": {"jk": "cat"},
+}
+
+
+def conv_inputs() -> tuple[torch.Tensor, ...]:
+    return (G["x"], G["edge_index"], G["edge_attr"], G["edge_type"])
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+def test_conv_zoo_is_exact(name: str, coverage_table) -> None:
+    make, extra = CONVS[name]
+    report = check_exact(lambda: Net(make(), extra), conv_inputs())
+    coverage_table("graph", name, report)
+    assert report.coverage >= 0.99
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_zoo_is_exact(name: str, coverage_table) -> None:
+    kind = name.split("(")[0]
+    report = check_exact(lambda: build_model(f"pyg:{kind}", **MODELS[name]), (G["x"], G["edge_index"]))
+    coverage_table("graph", f"pyg:{name}", report)
+    assert report.coverage >= 0.99
+
+
+def test_hetero_linear_is_exact(coverage_table) -> None:
+    # Its weight is seen as types × (in·out), so the rank is at most the number of types.
+    report = check_exact(lambda: HeteroLinear(FEATURES, 32, num_types=RELATIONS), (G["x"], G["type_vec"]), rank=RELATIONS)
+    coverage_table("graph", "HeteroLinear", report)
+    assert report.coverage >= 0.99
+
+
+def test_hetero_dict_linear_is_exact(coverage_table) -> None:
+    inputs = ({"paper": G["x"], "author": G["x"][:7, :8]},)
+    report = check_exact(lambda: HeteroDictLinear({"paper": FEATURES, "author": 8}, 32), inputs)
+    coverage_table("graph", "HeteroDictLinear", report)
+    assert report.coverage >= 0.99
+
+
+@pytest.mark.parametrize("path", ["activation", "weight"])
+def test_pyg_linear_both_paths_are_exact(path: str) -> None:
+    factory = lambda: nn.Sequential(Linear(FEATURES, 32), nn.ReLU(), Linear(32, 4))  # noqa: E731
+    check_exact(factory, (G["x"],), path=path)
+    model = la.apply(factory(), path=path)
+    assert {r.path for r in la.summary(model).rows} == {path}
+
+
+def test_lazy_pyg_linear_asks_for_a_forward_first() -> None:
+    for model in (nn.Sequential(Linear(-1, 8)), Net(GCNConv(-1, 8))):
+        with pytest.raises(la.LazyLayerError, match="run one forward"):
+            la.apply(model)
+        assert not la.adapter_names(model)
+        model(*conv_inputs()[: 1 if isinstance(model, nn.Sequential) else 4])
+        la.apply(model)
+        assert la.adapter_names(model) == ["default"]
+
+
+@pytest.mark.parametrize("path", ["activation", "weight"])
+def test_pyg_linear_state_dict_stores_the_base_weight(path: str) -> None:
+    """PyG's Linear saves through ``self.weight``; with adapters live it must still
+    store W, so that state_dict → load_state_dict reproduces the adapted model."""
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(Linear(FEATURES, 32), nn.ReLU(), Linear(32, 4))
+
+    base = make()
+    keys = list(base.state_dict())
+    model = la.apply(make(), rank=4, path=path)
+    randomize_adapters(model)
+    out = model(G["x"])
+    state = model.state_dict()
+    assert [k for k in state if "lora_adapters" not in k] == keys
+    for k in keys:
+        assert torch.equal(state[k], base.state_dict()[k]), k
+    other = la.apply(make(), rank=4, path=path)
+    other.load_state_dict(state)
+    torch.testing.assert_close(other(G["x"]), out)
+    model.load_state_dict(state)  # onto itself: still W + ΔW, not W + 2ΔW
+    torch.testing.assert_close(model(G["x"]), out)
+
+
+def test_class_name_selects_a_conv_with_the_linears_inside_it() -> None:
+    model = build_model("pyg:GAT", heads=2, jk="cat")  # jk adds a top-level Linear head
+    la.apply(model, targets="GATConv")
+    rows = la.summary(model).rows
+    assert {(r.layer, r.target) for r in rows} == {(f"convs.{i}", t) for i in (0, 1) for t in ("lin", "att_src", "att_dst")}
+    assert not any("lora_adapters" in n for n, _ in model.lin.named_modules())
+    assert not any(n.startswith("lora_adapters") for n, _ in model.convs[0].lin.named_modules())
+    base = model(G["x"], G["edge_index"])
+    randomize_adapters(model)
+    with torch.no_grad():
+        for name, factors in model.convs[0].lora_adapters["default"].factors.items():
+            if name != "lin":
+                factors.B.zero_()
+    # only lin's adapter is non-zero in the first conv, and it changes the output
+    assert not torch.allclose(model(G["x"], G["edge_index"]), base)
+
+
+def test_conv_parts_and_excludes() -> None:
+    model = build_model("pyg:GAT")
+    la.apply(model, targets="GATConv:att_src,att_dst")
+    assert {r.target for r in la.summary(model).rows} == {"att_src", "att_dst"}
+    assert not hasattr(model.convs[0].lin, "lora_adapters")  # claimed by the conv, not adapted alone
+    model = la.apply(build_model("pyg:GAT"), exclude="GATConv:lin")
+    assert {r.target for r in la.summary(model).rows} == {"att_src", "att_dst"}
+
+
+def test_transformer_conv_attention_projections(coverage_table) -> None:
+    make = lambda: Net(TransformerConv(FEATURES, 8, heads=2, edge_dim=EDGE_DIM, root_weight=True), "edge_attr")  # noqa: E731
+    report = check_exact(make, conv_inputs(), targets="TransformerConv:query,key,value")
+    model = la.apply(make(), targets="TransformerConv:query,key,value")
+    rows = la.summary(model).rows
+    assert sorted(r.target for r in rows) == ["key", "query", "value"]
+    assert {r.shape for r in rows} == {(16, FEATURES)}
+    assert report.coverage < 0.99  # edge and skip projections left out, as asked
+    with pytest.raises(la.TargetError, match="its targets are key, query, value, edge, skip"):
+        la.apply(make(), targets="TransformerConv:q")
+
+
+def test_linear_selector_keeps_conv_linears_on_the_activation_path() -> None:
+    model = la.apply(build_model("pyg:GCN"), targets="Linear")
+    rows = la.summary(model).rows
+    assert {r.layer for r in rows} == {"convs.0.lin", "convs.1.lin"}
+    assert {r.path for r in rows} == {"activation"}
+
+
+def test_second_adapter_on_a_conv_leaves_the_first_alone() -> None:
+    model = la.apply(build_model("pyg:GAT"), name="one")
+    la.apply(model, name="two")
+    adapters = model.convs[0].lora_adapters
+    assert set(adapters["one"].factors) == set(adapters["two"].factors) == {"lin", "att_src", "att_dst"}
+    assert len(la.summary(model).rows) == 12  # 2 convs × 3 targets × 2 adapters, none on A/B factors
+
+
+def test_graph_convs_preset_leaves_heads_alone() -> None:
+    model = la.apply(build_model("pyg:GCN", jk="cat"), targets="graph-convs")
+    assert {r.layer for r in la.summary(model).rows} == {"convs.0", "convs.1"}
+
+
+def test_pyg_model_source() -> None:
+    model = build_model("pyg:GraphSAGE")
+    assert type(model).__name__ == "GraphSAGE"
+    assert (model.in_channels, model.hidden_channels, model.num_layers, model.out_channels) == (16, 32, 2, 4)
+    assert build_model("pyg:GCN", hidden_channels=8, num_layers=3).convs[1].out_channels == 8
+    assert build_model("pyg:PNA")(G["x"], G["edge_index"]).shape == (NODES, 4)
+    with pytest.raises(la.LoraError, match="no model 'NoSuchNet'"):
+        build_model("pyg:NoSuchNet")
+
+
+def test_plugin_is_listed_active() -> None:
+    info = {p.name: p for p in la.plugins()}["graph"]
+    assert info.status == "active", info.error
+    assert "torch_geometric.nn.dense.linear.Linear" in info.rules
+    assert "torch_geometric.nn.conv.message_passing.MessagePassing" in info.rules
+
+
+def test_plugin_is_inactive_without_torch_geometric(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch_geometric", None)
+    monkeypatch.delitem(sys.modules, "lora_anywhere_graph", raising=False)
+    with pytest.raises(ModuleNotFoundError) as info:
+        importlib.import_module("lora_anywhere_graph")
+    assert info.value.name == "torch_geometric"
+
+
+def test_unmerged_adapted_conv_trains_only_adapters() -> None:
+    model = la.apply(Net(RGCNConv(FEATURES, 32, num_relations=RELATIONS, num_bases=2), "edge_type"))
+    randomize_adapters(model)
+    model(*conv_inputs()).square().mean().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_adapters" in n for n in grads)
+    assert {n.rsplit(".", 2)[-2] for n in grads} >= {"weight", "comp", "root"}

@@ -18,7 +18,7 @@ from lora_anywhere.testing import check_exact, randomize_adapters
 
 pyg = pytest.importorskip("torch_geometric")
 from torch_geometric.nn import (  # noqa: E402
-    MLP,
+    APPNP,
     AntiSymmetricConv,
     ChebConv,
     EdgeConv,
@@ -30,8 +30,10 @@ from torch_geometric.nn import (  # noqa: E402
     GINConv,
     GINEConv,
     GraphConv,
+    HeteroConv,
     HeteroDictLinear,
     HeteroLinear,
+    HGTConv,
     Linear,
     PNAConv,
     ResGatedGraphConv,
@@ -40,6 +42,7 @@ from torch_geometric.nn import (  # noqa: E402
     SGConv,
     TransformerConv,
 )
+from torch_geometric.nn.dense import DenseGATConv, DenseGCNConv, DenseGINConv, DenseGraphConv, DenseSAGEConv  # noqa: E402
 
 NODES, EDGES, FEATURES, EDGE_DIM, RELATIONS = 30, 100, 16, 3, 3
 
@@ -161,6 +164,68 @@ def test_hetero_dict_linear_is_exact(coverage_table) -> None:
     report = check_exact(lambda: HeteroDictLinear({"paper": FEATURES, "author": 8}, 32), inputs)
     coverage_table("graph", "HeteroDictLinear", report)
     assert report.coverage >= 0.99
+
+
+META = (["a", "b"], [("a", "to", "b"), ("b", "to", "a"), ("a", "self", "a")])
+
+
+def hetero_inputs() -> tuple[dict, dict]:
+    gen = torch.Generator().manual_seed(1)
+    x = {"a": torch.randn(10, FEATURES, generator=gen), "b": torch.randn(8, FEATURES, generator=gen)}
+    sizes = {"a": 10, "b": 8}
+    edges = {et: torch.stack([torch.randint(0, sizes[et[0]], (30,), generator=gen), torch.randint(0, sizes[et[2]], (30,), generator=gen)]) for et in META[1]}
+    return x, edges
+
+
+HETERO: dict[str, Callable[[], nn.Module]] = {
+    "HGTConv": lambda: HGTConv(FEATURES, 16, META, heads=2),
+    "HeteroConv(SAGE, GAT)": lambda: HeteroConv(
+        {META[1][0]: SAGEConv((FEATURES, FEATURES), 16), META[1][1]: GATConv((FEATURES, FEATURES), 16, add_self_loops=False), META[1][2]: SAGEConv(FEATURES, 16)}
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HETERO))
+def test_hetero_conv_zoo_is_exact(name: str, coverage_table) -> None:
+    report = check_exact(HETERO[name], hetero_inputs())
+    coverage_table("graph", name, report)
+    assert report.coverage >= 0.99
+
+
+DENSE: dict[str, Callable[[], nn.Module]] = {
+    "DenseGCNConv": lambda: DenseGCNConv(FEATURES, 8),
+    "DenseGATConv": lambda: DenseGATConv(FEATURES, 8, heads=2),
+    "DenseGINConv": lambda: DenseGINConv(mlp(FEATURES, 8)),
+    "DenseSAGEConv": lambda: DenseSAGEConv(FEATURES, 8),
+    "DenseGraphConv": lambda: DenseGraphConv(FEATURES, 8),
+}
+
+
+@pytest.mark.parametrize("name", list(DENSE))
+def test_dense_conv_zoo_is_exact(name: str, coverage_table) -> None:
+    gen = torch.Generator().manual_seed(2)
+    adj = (torch.rand(2, 6, 6, generator=gen) > 0.5).float()
+    report = check_exact(DENSE[name], (torch.randn(2, 6, FEATURES, generator=gen), adj))
+    coverage_table("graph", name, report)
+    assert report.coverage >= 0.99
+
+
+class WithPropagation(nn.Module):
+    """A conv with no weights at all (APPNP) still matches the conv rule: it must be
+    passed over, not break `apply`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = GCNConv(FEATURES, 8)
+        self.prop = APPNP(K=2, alpha=0.1)
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        return self.prop(self.conv(x, edge_index), edge_index)
+
+
+def test_conv_without_weights_is_passed_over() -> None:
+    report = check_exact(WithPropagation, (G["x"], G["edge_index"]))
+    assert report.adapted == 1 and report.coverage == 1.0
 
 
 @pytest.mark.parametrize("path", ["activation", "weight"])

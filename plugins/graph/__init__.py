@@ -16,6 +16,7 @@ import torch_geometric  # noqa: F401  # first: inactive when torch_geometric is 
 from torch import nn
 from torch_geometric.nn import models
 from torch_geometric.nn.conv import AntiSymmetricConv, MessagePassing
+from torch_geometric.nn.dense import DenseGATConv, DenseGCNConv, DenseGINConv, DenseGraphConv, DenseSAGEConv
 from torch_geometric.nn.dense.linear import HeteroDictLinear, HeteroLinear, Linear
 
 from lora_anywhere import LoraError, hookimpl
@@ -30,9 +31,11 @@ def lora_anywhere_register_rules(register: Callable[[type, Any], None]) -> None:
     register(Linear, PygLinearRule())
     register(HeteroLinear, HeteroLinearRule())
     register(MessagePassing, GraphLayerRule("torch_geometric.nn.MessagePassing"))
-    # Not MessagePassing subclasses, but layers a user selects by class name too.
-    register(AntiSymmetricConv, GraphLayerRule("torch_geometric.nn.AntiSymmetricConv"))
-    register(HeteroDictLinear, GraphLayerRule("torch_geometric.nn.HeteroDictLinear"))
+    # Not MessagePassing subclasses, but graph layers with weights of their own
+    # (DenseGATConv's attention vectors, AntiSymmetricConv's W) or ones a user
+    # selects by class name all the same.
+    for cls in (AntiSymmetricConv, HeteroDictLinear, DenseGATConv, DenseGCNConv, DenseGINConv, DenseGraphConv, DenseSAGEConv):
+        register(cls, GraphLayerRule(f"torch_geometric.nn.{cls.__name__}"))
 
 
 @hookimpl

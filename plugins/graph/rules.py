@@ -17,7 +17,7 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 from torch.nn.utils.weight_norm import WeightNorm
 from torch_geometric.nn.conv import MessagePassing
-from torch_geometric.nn.dense.linear import HeteroLinear, Linear
+from torch_geometric.nn.dense.linear import Linear
 
 from lora_anywhere import Rule, Target
 

@@ -25,6 +25,8 @@ from .hookspecs import hookimpl
 from .io import adapter_state_dict, load_adapter, save_adapter
 from .registry import Rule, Target, plugins, register_plugin, unregister_plugin
 from .summary import Summary, summary
+from .tasks import Task
+from .trainer import Trainer
 
 __all__ = [
     "__version__",
@@ -38,6 +40,8 @@ __all__ = [
     "adapter_state_dict",
     "summary",
     "Summary",
+    "Trainer",
+    "Task",
     "plugins",
     "register_plugin",
     "unregister_plugin",

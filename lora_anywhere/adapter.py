@@ -87,6 +87,10 @@ class LayerAdapter(nn.Module):
         """Whether this adapter still has to be added at run time."""
         return self.active and not self.merged
 
+    @property
+    def dropout_active(self) -> bool:
+        return self.dropout_p > 0.0 and self.training
+
     def dropout(self, x: torch.Tensor) -> torch.Tensor:
         # With p = 0 the input is passed through: no copy of the activation.
         if self.dropout_p == 0.0 or not self.training:

@@ -316,3 +316,31 @@ def test_deepcopy_and_pickle_of_adapted_model(tmp_path):
     torch.save(model, tmp_path / "m.pt")
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     torch.testing.assert_close(loaded(x), model(x))
+
+
+@pytest.mark.parametrize(
+    ("factory", "x"),
+    [
+        (lambda: nn.Linear(6, 5), torch.randn(4, 6)),
+        (lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), torch.randn(2, 4, 5, 5)),
+        (lambda: nn.Conv1d(4, 8, 3, groups=2, dilation=2), torch.randn(2, 4, 9)),
+        (lambda: nn.Embedding(9, 4), torch.randint(0, 9, (3, 4))),
+    ],
+)
+def test_two_adapters_on_one_layer_unfused_path_is_exact(factory, x):
+    """Two adapters (or dropout) take the unfused activation loop; it must agree with
+    the weight path in outputs and gradients too."""
+    results = []
+    for path in ("activation", "weight"):
+        torch.manual_seed(0)
+        model = factory()
+        la.apply(model, rank=2, path=path)
+        la.apply(model, rank=2, path=path, name="second")
+        randomize_adapters(model, seed=3)
+        out = model(x)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
+    for name, grad in results[0][1].items():
+        assert grad is not None, f"{name} got no gradient"
+        torch.testing.assert_close(grad, results[1][1][name], rtol=1e-3, atol=1e-4)

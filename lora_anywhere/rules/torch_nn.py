@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..fused import conv_lora, linear_lora
 from ..hookspecs import hookimpl
 from ..registry import Rule, Target
 
@@ -20,7 +21,8 @@ WEIGHT = (Target("weight", "weight"),)
 
 
 class LinearRule(Rule):
-    """y = x Wᵀ + b. On activations: ``+ s · (x Aᵀ) Bᵀ``."""
+    """y = x Wᵀ + b. On activations: ``+ s · (x Aᵀ) Bᵀ``, fused into one matmul over
+    [W; A] when a single adapter runs without dropout (see `fused.py`)."""
 
     name = "torch.nn.Linear"
     activation_base = nn.Linear
@@ -29,6 +31,9 @@ class LinearRule(Rule):
         return WEIGHT
 
     def forward(self, layer, weight, adapters, x):  # type: ignore[override]
+        if len(adapters) == 1 and not adapters[0].dropout_active:
+            f = adapters[0].factors["weight"]
+            return linear_lora(x, weight, layer.bias, f.A, f.B, f.scale)
         y = F.linear(x, weight, layer.bias)
         for a in adapters:
             f = a.factors["weight"]
@@ -46,7 +51,8 @@ class ConvRule(Rule):
 
     On activations, A is a conv with the layer's own geometry (``layer._conv_forward``
     applies padding_mode, padding, stride, dilation and groups exactly as the layer
-    does) and g·r output channels; B is a grouped 1×1 conv.
+    does) and g·r output channels; B is a grouped 1×1 conv. Ungrouped convs with one
+    adapter and no dropout run A inside the base conv (`fused.py`).
     """
 
     def __init__(self, base: type) -> None:
@@ -63,8 +69,11 @@ class ConvRule(Rule):
         return rank * layer.groups * 2 <= layer.out_channels
 
     def forward(self, layer, weight, adapters, x):  # type: ignore[override]
-        y = layer._conv_forward(x, weight, layer.bias)
         g = layer.groups
+        if g == 1 and len(adapters) == 1 and not adapters[0].dropout_active:
+            f = adapters[0].factors["weight"]
+            return conv_lora(layer, x, weight, f.A, f.B, f.scale)
+        y = layer._conv_forward(x, weight, layer.bias)
         ones = (1,) * self.dims
         for a in adapters:
             f = a.factors["weight"]

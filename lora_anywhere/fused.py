@@ -1,0 +1,125 @@
+"""Fused activation-path LoRA for Linear and ConvNd.
+
+``y = layer(x) + s·B(A(x))`` computed as one matmul or conv over ``[W; A]`` (x is read
+once for the base op and A's projection), followed by B. The backward computes the
+input gradient through ``[W; A]`` in one op and A's weight gradient only: no
+gradient of the frozen W is ever formed, which is what keeps LoRA near the floor of
+training only biases.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch.nn import functional as F
+
+_conv_backward = torch.ops.aten.convolution_backward.default
+
+
+class FusedLinearLoRA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        out = weight.shape[0]
+        yz = F.linear(x, torch.cat([weight, a]))
+        z = yz[..., out:].contiguous()
+        y = torch.addmm(yz[..., :out].reshape(-1, out), z.reshape(-1, z.shape[-1]), b.t(), alpha=scale).view(*x.shape[:-1], out)
+        if bias is not None:
+            y += bias
+        ctx.save_for_backward(x, weight, a, b, z)
+        ctx.scale = scale
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, a, b, z = ctx.saved_tensors
+        s = ctx.scale
+        need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        gz = (g @ b) * s  # (N, r)
+        gx = gw = gbias = ga = gb = None
+        if need_x:
+            gx = torch.addmm(g @ weight, gz, a).view(x.shape)
+        if need_a:
+            ga = gz.t() @ x2
+        if need_b:
+            gb = (g.t() @ z.reshape(-1, z.shape[-1])) * s
+        if need_w:
+            gw = g.t() @ x2
+        if need_bias and ctx.has_bias:
+            gbias = g.sum(0)
+        return gx, gw, gbias, ga, gb, None
+
+
+def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    return FusedLinearLoRA.apply(x, weight, bias, a, b, scale)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class FusedConvLoRA(torch.autograd.Function):
+    """Ungrouped ConvNd with explicit symmetric padding (the caller pads otherwise)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float,
+                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:  # fmt: skip
+        dims = weight.dim() - 2
+        out, r = weight.shape[0], a.shape[0]
+        a_kernel = a.view(r, *weight.shape[1:])
+        yz = _CONV[dims](x, torch.cat([weight, a_kernel]), None, stride, padding, dilation)
+        z = yz[:, out:].contiguous()
+        y = yz[:, :out] + _CONV[dims](z, (b * scale).view(out, r, *(1,) * dims))
+        if bias is not None:
+            y += bias.view(1, -1, *(1,) * dims)
+        ctx.save_for_backward(x, weight, a_kernel, b, z)
+        ctx.conf = (scale, list(stride), list(padding), list(dilation), bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, a_kernel, b, z = ctx.saved_tensors
+        scale, stride, padding, dilation, has_bias = ctx.conf
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        dims = weight.dim() - 2
+        out, r = weight.shape[0], a_kernel.shape[0]
+        grad = grad.contiguous()
+        gz = _CONV[dims](grad, (b.t() * scale).reshape(r, out, *(1,) * dims))
+        no_pad = [0] * dims
+        gx = gw = gbias = ga = gb = None
+        if need_x:
+            gx = _conv_backward(torch.cat([grad, gz], 1), x, torch.cat([weight, a_kernel]), None, stride, padding, dilation, False, no_pad, 1, [True, False, False])[0]
+        if need_a:
+            ga = _conv_backward(gz, x, a_kernel, None, stride, padding, dilation, False, no_pad, 1, [False, True, False])[1].reshape(r, -1)
+        if need_w:
+            gw = _conv_backward(grad, x, weight, None, stride, padding, dilation, False, no_pad, 1, [False, True, False])[1]
+        if need_b:
+            gb = torch.einsum("no...,nr...->or", grad, z) * scale
+        if need_bias and has_bias:
+            gbias = grad.sum(dim=[0, *range(2, grad.dim())])
+        return gx, gw, gbias, ga, gb, None, None, None, None
+
+
+def explicit_padding(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """The layer's padding as symmetric ints, padding `x` itself where the layer's
+    padding_mode or an asymmetric "same" needs it (exactly as the layer would)."""
+    dims = layer.weight.dim() - 2
+    if layer.padding_mode != "zeros":
+        return F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), [0] * dims
+    if layer.padding != "same":
+        return x, list(layer.padding)
+    total = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
+    left = [t // 2 for t in total]
+    if all(t % 2 == 0 for t in total):
+        return x, left
+    pad: list[int] = []
+    for t, lo in reversed(list(zip(total, left))):
+        pad += [lo, t - lo]
+    return F.pad(x, pad), [0] * dims
+
+
+def conv_lora(layer: Any, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    x, padding = explicit_padding(layer, x)
+    return FusedConvLoRA.apply(x, weight, layer.bias, a, b, scale, list(layer.stride), padding, list(layer.dilation))

@@ -41,6 +41,7 @@ from torch_geometric.nn import (  # noqa: E402
     SAGEConv,
     SGConv,
     TransformerConv,
+    to_hetero,
 )
 from torch_geometric.nn.dense import DenseGATConv, DenseGCNConv, DenseGINConv, DenseGraphConv, DenseSAGEConv  # noqa: E402
 
@@ -177,7 +178,18 @@ def hetero_inputs() -> tuple[dict, dict]:
     return x, edges
 
 
+class Homogeneous(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = SAGEConv((FEATURES, FEATURES), 32)
+        self.conv2 = GATConv((32, 32), 4, heads=2, add_self_loops=False)
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.conv1(x, edge_index).relu(), edge_index)
+
+
 HETERO: dict[str, Callable[[], nn.Module]] = {
+    "to_hetero(SAGEConv, GATConv)": lambda: to_hetero(Homogeneous(), (META[0], META[1][:2])),
     "HGTConv": lambda: HGTConv(FEATURES, 16, META, heads=2),
     "HeteroConv(SAGE, GAT)": lambda: HeteroConv(
         {META[1][0]: SAGEConv((FEATURES, FEATURES), 16), META[1][1]: GATConv((FEATURES, FEATURES), 16, add_self_loops=False), META[1][2]: SAGEConv(FEATURES, 16)}

@@ -475,14 +475,18 @@ class _Totals:
 
 class _StopRequest:
     """Turns the first Ctrl-C (or SIGTERM, as clusters send before preempting) into a
-    request to stop at the next optimizer step, save and return; a second one stops
-    at once. Signal handlers can only be set from the main thread; elsewhere Ctrl-C
-    keeps its usual effect."""
+    request to stop at the next optimizer step, save and return; another one a second
+    later stops at once. (Under torchrun a worker gets Ctrl-C twice at once: from the
+    terminal and forwarded by the agent; that must not cost the checkpoint.) Signal
+    handlers can only be set from the main thread; elsewhere Ctrl-C keeps its usual
+    effect."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    REPEAT_AFTER_S = 1.0
 
     def __init__(self) -> None:
         self.requested = False
+        self._first = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopRequest:
@@ -494,8 +498,10 @@ class _StopRequest:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            if time.monotonic() - self._first >= self.REPEAT_AFTER_S:
+                raise KeyboardInterrupt
+            return
+        self.requested, self._first = True, time.monotonic()
         notice("stopping after this step and saving a checkpoint (press Ctrl-C again to quit at once)")
 
     def __exit__(self, *exc: Any) -> None:

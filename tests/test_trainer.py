@@ -21,6 +21,17 @@ from lora_anywhere import tasks as tasks_mod
 from lora_anywhere import trainer as trainer_mod
 from lora_anywhere.trainer import NonFiniteLossError, Trainer
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's
+    spinning threads make them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------- data & models
 
 
@@ -54,12 +65,12 @@ def sbm_graph(seed: int):
     n, k = 240, 4
     y = torch.arange(n) % k
     same = y[:, None] == y[None, :]
-    prob = torch.where(same, torch.tensor(0.08), torch.tensor(0.004))
+    prob = torch.where(same, torch.tensor(0.1), torch.tensor(0.004))
     adj = torch.rand(n, n, generator=g) < prob
     adj = torch.triu(adj, 1)
     adj = adj | adj.T
     edge_index = adj.nonzero().T.contiguous()
-    x = torch.nn.functional.one_hot(y, 8).float() * 0.6 + torch.randn(n, 8, generator=g)
+    x = torch.nn.functional.one_hot(y, 8).float() * 0.8 + torch.randn(n, 8, generator=g)
     split = torch.rand(n, generator=g)
     return Data(x=x, edge_index=edge_index, y=y, train_mask=split < 0.6, val_mask=(split >= 0.6) & (split < 0.8), test_mask=split >= 0.8)
 
@@ -229,15 +240,15 @@ def test_node_classification_one_graph_and_minibatches() -> None:
     torch.manual_seed(0)
     model = la.apply(TinyGCN(), rank=4)
     history = Trainer(model, graph, graph, task="node-classification", epochs=60, lr=3e-2, seed=0).fit()
-    assert history[-1]["val_accuracy"] >= 0.7, history[-1]  # chance: 0.25
+    assert history[-1]["val_accuracy"] >= 0.75, history[-1]  # chance: 0.25
     test = Trainer(model, graph, task=la.tasks.NodeClassification(eval_mask="test_mask")).evaluate(graph)
-    assert test["accuracy"] >= 0.7
+    assert test["accuracy"] >= 0.75
 
     torch.manual_seed(0)
     model = la.apply(TinyGCN(), rank=4)
     loader = RandomNodeLoader(graph, num_parts=2, shuffle=True)
     history = Trainer(model, loader, graph, task="node-classification", epochs=40, lr=3e-2, seed=0).fit()
-    assert history[-1]["val_accuracy"] >= 0.6, history[-1]
+    assert history[-1]["val_accuracy"] >= 0.75, history[-1]
 
 
 def test_node_task_counts_only_seed_nodes_of_a_neighbour_batch() -> None:
@@ -496,3 +507,16 @@ def test_trainer_rejects_what_it_cannot_train() -> None:
         Trainer(la.apply(mlp(), rank=2), xor_data(8, 1), task="image-classification", patience=2)
     with pytest.raises(TypeError, match="re-iterable"):
         Trainer(la.apply(mlp(), rank=2), iter([]), task="image-classification")
+
+
+def test_ctrl_c_forwarded_twice_at_once_still_saves_and_a_later_one_quits() -> None:
+    before = signal.getsignal(signal.SIGINT)
+    stop = trainer_mod._StopRequest()
+    with stop:
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # torchrun's agent forwards the terminal's Ctrl-C
+        assert stop.requested
+        stop.REPEAT_AFTER_S = 0.0  # a press after the user has seen the notice
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before

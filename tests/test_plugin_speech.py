@@ -3,6 +3,8 @@ weight matrices covered, on small configs and 0.25 s of 16 kHz audio."""
 
 from __future__ import annotations
 
+import importlib
+import sys
 from typing import Any, Callable
 
 import pytest
@@ -102,8 +104,9 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Any, dict[str, Any]]] = {
     "wav2letter (waveform)": (lambda: M.Wav2Letter(num_classes=10, input_type="waveform", num_features=1), (r(1, 1, 4000),), {"std": 0.1}),
     "wav2vec2 (small, layer-norm-first like large/xlsr)": (small_wav2vec2_prenorm, (WAVE,), {}),
     "wav2vec2_base": (M.wav2vec2_base, (WAVE[:1],), {}),
+    "wavlm_base": (M.wavlm_base, (WAVE[:1],), {}),
 }
-SLOW = {"wav2letter (waveform)", "wav2vec2_base"}
+SLOW = {"wav2letter (waveform)", "wav2vec2_base", "wavlm_base"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=slow) if n in SLOW else n for n in ZOO])
@@ -234,3 +237,13 @@ def test_torchaudio_model_source() -> None:
     assert isinstance(model, M.Conformer)
     with pytest.raises(ValueError, match="no model factory 'nope'"):
         build_model("torchaudio:nope")
+
+
+def test_speech_plugin_is_inactive_without_torchaudio(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without torchaudio the plugin's import fails with ModuleNotFoundError naming it,
+    which the core reports as "inactive", never as a crash."""
+    monkeypatch.setitem(sys.modules, "torchaudio", None)
+    monkeypatch.delitem(sys.modules, "lora_anywhere_speech", raising=False)
+    with pytest.raises(ModuleNotFoundError) as missing:
+        importlib.import_module("lora_anywhere_speech")
+    assert missing.value.name == "torchaudio"

@@ -4,6 +4,8 @@ reads (a core behaviour, tested here on plain torch first); the text presets."""
 
 from __future__ import annotations
 
+import importlib
+import sys
 from typing import Any, Callable
 
 import pytest
@@ -233,3 +235,13 @@ def test_text_presets_leave_non_text_layers_alone() -> None:
     model.add_module("q", nn.Linear(4, 4))
     la.apply(model, targets="text-attention", rank=2)
     assert [row.layer for row in la.summary(model).rows] == ["q"]
+
+
+def test_text_plugin_is_inactive_without_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without transformers the plugin's import fails with ModuleNotFoundError naming it,
+    which the core reports as "inactive", never as a crash."""
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.delitem(sys.modules, "lora_anywhere_text", raising=False)
+    with pytest.raises(ModuleNotFoundError) as missing:
+        importlib.import_module("lora_anywhere_text")
+    assert missing.value.name == "transformers"

@@ -162,6 +162,20 @@ def test_conv1d_rule_sees_in_by_out_matrix() -> None:
     assert (tuple(f.B.shape), tuple(f.A.shape)) == ((6, 2), (2, 12))
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_keeps_adapter_gradients(reentrant: bool) -> None:
+    """Checkpointed blocks recompute their forward in the backward; with the base
+    frozen, the adapters must still get gradients (a known trap with reentrant
+    checkpointing and frozen inputs)."""
+    model = hf("GPT2LMHeadModel")()
+    la.apply(model, rank=4, targets="text-attention")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if n.endswith(".B")}
+    assert len(grads) == 4 and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
 # ----------------------------------------------------------------------------- tied embeddings in transformers
 
 

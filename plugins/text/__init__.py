@@ -113,7 +113,10 @@ def tiny_config(config_class: type, **overrides: Any) -> Any:
 
 
 def build(name: str, **kwargs: Any) -> nn.Module:
-    """``hf:<ModelClass>`` → that class on a tiny config; kwargs override config fields."""
+    """``hf:<ModelClass>`` → that class on a tiny config; kwargs override config fields.
+
+    Composite configs (CLIP's text_config/vision_config…) keep their sub-configs'
+    default sizes: pass those sub-configs as kwargs."""
     cls = getattr(transformers, name, None)
     config_class = getattr(cls, "config_class", None)
     if not isinstance(cls, type) or not issubclass(cls, nn.Module) or config_class is None:

@@ -23,6 +23,7 @@ from .errors import (
 )
 from .hookspecs import hookimpl
 from .io import adapter_state_dict, load_adapter, save_adapter
+from .named import active_adapters, combine, delete_adapter, disabled, set_adapter
 from .registry import Rule, Target, plugins, register_plugin, unregister_plugin
 from .summary import Summary, summary
 from .tasks import Task
@@ -35,6 +36,11 @@ __all__ = [
     "unmerge",
     "remove",
     "adapter_names",
+    "set_adapter",
+    "active_adapters",
+    "disabled",
+    "delete_adapter",
+    "combine",
     "save_adapter",
     "load_adapter",
     "adapter_state_dict",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -70,7 +70,7 @@ class LayerAdapter(nn.Module):
     or on the weight (whoever reads the tensor sees W + ΔW).
     """
 
-    def __init__(self, rule: Rule, targets: Iterable[ResolvedTarget], rank: int, scale: float, *, path: str, dropout: float, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, rule: Rule, targets: Iterable[ResolvedTarget], ranks: Mapping[str, int], scale: float, *, path: str, dropout: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.rule = rule
         self.targets = {t.name: t for t in targets}
@@ -79,7 +79,7 @@ class LayerAdapter(nn.Module):
         self.merged = False
         self.active = True
         self.factors = nn.ModuleDict(
-            {t.name: LowRank(*t.matrix_shape, min(rank, t.full_rank), scale, dtype=dtype, device=device) for t in self.targets.values()}
+            {t.name: LowRank(*t.matrix_shape, ranks[t.name], scale, dtype=dtype, device=device) for t in self.targets.values()}
         )
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -48,7 +49,7 @@ class LayerPlan:
     module: nn.Module
     rule: Rule
     targets: list[ResolvedTarget]
-    rank: int
+    ranks: dict[str, int]  # per target: the layer's rank, clamped to that matrix's full rank
     scale: float
     path: str
 
@@ -145,6 +146,7 @@ def _plan(
     path: str,
     skip: set[str],
     rank_given: bool = True,
+    rslora: bool = False,
 ) -> list[LayerPlan]:
     reg = registry()
     presets = reg.presets
@@ -192,7 +194,9 @@ def _plan(
             )
         layer_alpha = first_value(alphas, name, module, presets)
         layer_alpha = layer_alpha if layer_alpha is not None else (alpha if alpha is not None else layer_rank)
-        plans.append(LayerPlan(name, module, rule, resolved, layer_rank, float(layer_alpha) / layer_rank, _choose_path(path, rule, module, resolved, parametrized, layer_rank)))
+        scale = float(layer_alpha) / (math.sqrt(layer_rank) if rslora else layer_rank)
+        ranks_by_target = {t.name: min(layer_rank, t.full_rank) for t in resolved}
+        plans.append(LayerPlan(name, module, rule, resolved, ranks_by_target, scale, _choose_path(path, rule, module, resolved, parametrized, layer_rank)))
 
     for selectors, seen, what in ((target_set, hits, "target"), (exclude_set, ex_hits, "exclude")):
         if selectors is None:
@@ -310,6 +314,8 @@ def apply(
     alphas: dict[Any, float] | None = None,
     path: str = "auto",
     name: str = DEFAULT,
+    freeze_a: bool = False,
+    rslora: bool = False,
 ) -> nn.Module:
     """Add a low-rank adapter to every layer a rule covers (or those `targets` select),
     freeze every base parameter, and return the model (changed in place).
@@ -319,8 +325,10 @@ def apply(
     per-layer values. ``trainable`` names modules trained fully and saved with the
     adapter (a new head; norms with their running statistics). ``path`` forces how
     adapters are computed ("activation" where a rule offers it, or "weight"); both give
-    the same numbers, "auto" picks the cheaper per layer. If anything fails, the model
-    is left exactly as it was.
+    the same numbers, "auto" picks the cheaper per layer. ``freeze_a`` keeps A a fixed
+    random projection and trains only B (LoRA-FA: the activation path then needs no
+    copy of the layer input for the backward). ``rslora`` scales by alpha/√rank
+    instead of alpha/rank. If anything fails, the model is left exactly as it was.
     """
     rank_given = rank is not None
     rank = DEFAULT_RANK if rank is None else rank
@@ -332,7 +340,7 @@ def apply(
             "or call lora_anywhere.remove(model) first"
         )
     trainable_names = _resolve_trainable(model, trainable)
-    plans = _plan(model, rank=rank, alpha=alpha, targets=targets, exclude=exclude, ranks=ranks, alphas=alphas, path=path, skip=set(trainable_names), rank_given=rank_given)
+    plans = _plan(model, rank=rank, alpha=alpha, targets=targets, exclude=exclude, ranks=ranks, alphas=alphas, path=path, skip=set(trainable_names), rank_given=rank_given, rslora=rslora)
     if not plans and not trainable_names:
         raise TargetError(f"nothing to adapt in {type(model).__name__}: no layer is covered by a rule; adaptable layers: {_adaptable_summary(model)}")
     config = AdapterConfig(
@@ -344,6 +352,8 @@ def apply(
         targets=_describe(targets),
         exclude=_describe(exclude),
         trainable=trainable_names,
+        freeze_a=bool(freeze_a),
+        rslora=bool(rslora),
         library_version=_version(),
     )
     install(model, plans, config, dropout)
@@ -362,7 +372,7 @@ def install(model: nn.Module, plans: list[LayerPlan], config: AdapterConfig, dro
             ref = plan.targets[0]
             owner = plan.module.get_submodule(ref.owner) if ref.owner else plan.module
             like = owner._parameters[ref.tensor]
-            adapter = LayerAdapter(plan.rule, plan.targets, plan.rank, plan.scale, path=plan.path, dropout=dropout, dtype=like.dtype, device=like.device)
+            adapter = LayerAdapter(plan.rule, plan.targets, plan.ranks, plan.scale, path=plan.path, dropout=dropout, dtype=like.dtype, device=like.device)
             container = plan.module._modules.get(attach.ADAPTERS)
             if container is None:
                 if hasattr(plan.module, attach.ADAPTERS):
@@ -387,8 +397,9 @@ def install(model: nn.Module, plans: list[LayerPlan], config: AdapterConfig, dro
         for pname, param in model.named_parameters():
             param.requires_grad_(any(pname.startswith(k) for k in keep))
         for module in touched:
-            for param in module._modules[attach.ADAPTERS][config.name].parameters():
-                param.requires_grad_(True)
+            for factors in module._modules[attach.ADAPTERS][config.name].factors.values():
+                factors.A.requires_grad_(not config.freeze_a)
+                factors.B.requires_grad_(True)
         if fresh_state:
             state = ModelState(requires_grad=grads)
             model.__dict__[_STATE] = state

@@ -40,6 +40,8 @@ class AdapterConfig:
     exclude: list[str] | None
     trainable: list[str]
     layers: dict[str, LayerRecord] = field(default_factory=dict)
+    freeze_a: bool = False
+    rslora: bool = False
     library_version: str = ""
     format: str = FORMAT
 

@@ -26,7 +26,10 @@ class FusedLinearLoRA(torch.autograd.Function):
         y = torch.addmm(yz[..., :out].reshape(-1, out), z.reshape(-1, z.shape[-1]), b.t(), alpha=scale).view(*x.shape[:-1], out)
         if bias is not None:
             y += bias
-        ctx.save_for_backward(x, weight, a, b, z)
+        # x is kept only for weight gradients: with A frozen (LoRA-FA) it is not.
+        keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
+        ctx.save_for_backward(x if keep_x else None, weight, a, b, z)
+        ctx.x_shape = x.shape
         ctx.scale = scale
         ctx.has_bias = bias is not None
         return y
@@ -37,11 +40,11 @@ class FusedLinearLoRA(torch.autograd.Function):
         s = ctx.scale
         need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1]) if x is not None else None
         gz = (g @ b) * s  # (N, r)
         gx = gw = gbias = ga = gb = None
         if need_x:
-            gx = torch.addmm(g @ weight, gz, a).view(x.shape)
+            gx = torch.addmm(g @ weight, gz, a).view(ctx.x_shape)
         if need_a:
             ga = gz.t() @ x2
         if need_b:
@@ -74,7 +77,9 @@ class FusedConvLoRA(torch.autograd.Function):
         y = yz[:, :out] + _CONV[dims](z, (b * scale).view(out, r, *(1,) * dims))
         if bias is not None:
             y += bias.view(1, -1, *(1,) * dims)
-        ctx.save_for_backward(x, weight, a_kernel, b, z)
+        keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
+        ctx.save_for_backward(x if keep_x else None, weight, a_kernel, b, z)
+        ctx.x_shape = x.shape
         ctx.conf = (scale, list(stride), list(padding), list(dilation), bias is not None)
         return y
 
@@ -90,7 +95,9 @@ class FusedConvLoRA(torch.autograd.Function):
         no_pad = [0] * dims
         gx = gw = gbias = ga = gb = None
         if need_x:
-            gx = _conv_backward(torch.cat([grad, gz], 1), x, torch.cat([weight, a_kernel]), None, stride, padding, dilation, False, no_pad, 1, [True, False, False])[0]
+            # The input gradient needs x's shape only (as torch.nn.grad.conv2d_input does).
+            shape_only = x if x is not None else grad.new_empty(1).expand(ctx.x_shape)
+            gx = _conv_backward(torch.cat([grad, gz], 1), shape_only, torch.cat([weight, a_kernel]), None, stride, padding, dilation, False, no_pad, 1, [True, False, False])[0]
         if need_a:
             ga = _conv_backward(gz, x, a_kernel, None, stride, padding, dilation, False, no_pad, 1, [False, True, False])[1].reshape(r, -1)
         if need_w:

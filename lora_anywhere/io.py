@@ -161,7 +161,7 @@ def _plans_from_config(model: nn.Module, config: AdapterConfig, tensors: dict[st
         except Exception as exc:
             problems.append(f"layer {layer_name!r}: {exc}")
             continue
-        rank = 0
+        ranks: dict[str, int] = {}
         for t in resolved:
             saved = record.targets[t.name]
             if list(t.shape) != list(saved.shape):
@@ -174,9 +174,9 @@ def _plans_from_config(model: nn.Module, config: AdapterConfig, tensors: dict[st
                     problems.append(f"tensor {key} is missing from the adapter file")
                 elif tuple(tensors[key].shape) != shape:
                     problems.append(f"tensor {key}: shape {tuple(tensors[key].shape)}, expected {shape}")
-            rank = max(rank, saved.rank)
-        path = _choose_path(record.path, rule, layer, resolved, parametrized, rank)
-        plans.append(LayerPlan(layer_name, layer, rule, resolved, max(rank, 1), record.scale, path))
+            ranks[t.name] = saved.rank
+        path = _choose_path(record.path, rule, layer, resolved, parametrized, max(ranks.values(), default=1))
+        plans.append(LayerPlan(layer_name, layer, rule, resolved, ranks, record.scale, path))
     return plans, problems
 
 

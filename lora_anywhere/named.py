@@ -1,0 +1,127 @@
+"""Several named adapters on one model: switch, disable, delete, combine.
+
+Each `apply(..., name=...)` (or `load_adapter(..., name=...)`) adds one adapter beside
+the others. Only active adapters are applied; `set_adapter` picks one, `disabled`
+gives base outputs for a while, `combine` makes a new adapter that is exactly a
+weighted sum of others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from . import attach
+from .adapter import LayerAdapter
+from .api import _shift, adapted_layers, model_state, remove
+from .config import TargetRecord
+from .errors import LoraError, NotAdaptedError
+
+
+def _names(model: nn.Module) -> list[str]:
+    state = model_state(model)
+    return list(state.adapters) if state else []
+
+
+def _require(model: nn.Module, name: str) -> None:
+    if name not in _names(model):
+        raise NotAdaptedError(f"the model has no adapter named {name!r}; it has {', '.join(_names(model)) or 'none'}")
+
+
+def set_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Make `name` the one active (and trainable) adapter; the others stay on the model
+    but are neither applied nor trained. Merged adapters are part of the weights: take
+    them out with `unmerge` first to switch away from them."""
+    _require(model, name)
+    for _, layer, adapters in adapted_layers(model):
+        for aname, adapter in adapters.items():
+            if adapter.merged and aname != name:
+                raise LoraError(f"adapter {aname!r} is merged into the weights; call unmerge(model, {aname!r}) before switching to {name!r}")
+            adapter.active = aname == name
+            freeze_a = model_state(model).adapters[aname].freeze_a
+            for f in adapter.factors.values():
+                f.A.requires_grad_(adapter.active and not freeze_a)
+                f.B.requires_grad_(adapter.active)
+        attach.refresh(layer)
+    return model
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return [n for n in _names(model) if any(a.active for _, _, lay in adapted_layers(model) for k, a in lay.items() if k == n)]
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes exactly what its base does: merged adapters
+    are taken out and every adapter is switched off; all is restored afterwards."""
+    saved: list[tuple[nn.Module, LayerAdapter, bool, bool]] = []
+    for _, layer, adapters in adapted_layers(model):
+        for adapter in adapters.values():
+            saved.append((layer, adapter, adapter.active, adapter.merged))
+            if adapter.merged:
+                _shift(layer, adapter, -1)
+                adapter.merged = False
+            adapter.active = False
+        attach.refresh(layer)
+    try:
+        yield model
+    finally:
+        for layer, adapter, active, merged in saved:
+            adapter.active = active
+            if merged:
+                _shift(layer, adapter, +1)
+                adapter.merged = True
+        for layer in {id(layer): layer for layer, *_ in saved}.values():
+            attach.refresh(layer)
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Take one adapter off (its update leaves the weights if it was merged)."""
+    _require(model, name)
+    return remove(model, merge=False, name=name)
+
+
+@torch.no_grad()
+def combine(model: nn.Module, weights: Mapping[str, float], name: str = "combined") -> nn.Module:
+    """Add adapter `name` with ΔW = Σ wᵢ·ΔWᵢ exactly: its factors are the others'
+    stacked (rank Σ rᵢ, each B scaled by wᵢ·sᵢ). It becomes the active adapter."""
+    if not weights:
+        raise LoraError("combine() needs at least one adapter name with its weight, e.g. {'a': 0.5, 'b': 0.5}")
+    for n in weights:
+        _require(model, n)
+    if name in _names(model):
+        raise LoraError(f"the model already has an adapter named {name!r}; choose another name for the combination")
+    state = model_state(model)
+    first = state.adapters[next(iter(weights))]
+    config = copy.deepcopy(first)
+    config.name, config.layers, config.rank, config.alpha, config.freeze_a, config.rslora = name, {}, 0, 1.0, False, False
+    config.trainable = []
+    for layer_name, layer, adapters in adapted_layers(model):
+        parts = [(adapters[n], w) for n, w in weights.items() if n in adapters]
+        if not parts:
+            continue
+        targets = {t.name: t for a, _ in parts for t in a.targets.values()}
+        like = next(iter(parts[0][0].factors.values())).A
+        ranks = {t: sum(a.factors[t].rank for a, _ in parts if t in a.factors) for t in targets}
+        combined = LayerAdapter(parts[0][0].rule, targets.values(), ranks, 1.0, path=parts[0][0].path, dropout=0.0, dtype=like.dtype, device=like.device)
+        for tname in targets:
+            pieces = [(a.factors[tname], w) for a, w in parts if tname in a.factors]
+            combined.factors[tname].A = nn.Parameter(torch.cat([f.A for f, _ in pieces]).clone())
+            combined.factors[tname].B = nn.Parameter(torch.cat([f.B * (w * f.scale) for f, w in pieces], dim=1).clone())
+        layer._modules[attach.ADAPTERS][name] = combined
+        record = copy.deepcopy(state.adapters[next(n for n in weights if n in adapters)].layers[layer_name])
+        record.scale = 1.0
+        record.targets = {
+            t.name: TargetRecord(t.owner, t.tensor, list(t.rows) if t.rows else None, list(t.shape), combined.factors[t.name].rank)
+            for t in targets.values()
+        }
+        config.layers[layer_name] = record
+    state.adapters[name] = config
+    return set_adapter(model, name)
+
+
+__all__ = ["set_adapter", "active_adapters", "disabled", "delete_adapter", "combine"]

@@ -12,6 +12,7 @@ gives back the original types and state_dict keys with the merged output.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -60,8 +61,16 @@ def max_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     worst = 0.0
     for x, y in zip(a, b):
         assert x.shape == y.shape, f"output shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}"
-        scale = max(x.abs().max().item(), 1e-3) if x.numel() else 1.0
-        worst = max(worst, (x - y).abs().max().item() / scale if x.numel() else 0.0)
+        if not x.numel():
+            continue
+        # Equal entries (the same ±inf, as in masked logits, or both NaN) differ by 0;
+        # any other non-finite difference is an infinite error. The scale comes from
+        # the finite entries: an inf or NaN must never hide a difference.
+        same = (x == y) | (x.isnan() & y.isnan())
+        diff = torch.where(same, torch.zeros_like(x), (x - y).abs()).max().item()
+        finite = x[x.isfinite()]
+        scale = max(finite.abs().max().item(), 1e-3) if finite.numel() else 1.0
+        worst = max(worst, math.inf if math.isnan(diff) else diff / scale)
     return worst
 
 

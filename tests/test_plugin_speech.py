@@ -17,7 +17,7 @@ M = torchaudio.models
 
 import lora_anywhere as la  # noqa: E402
 from lora_anywhere.models import build_model  # noqa: E402
-from lora_anywhere.testing import check_exact, randomize_adapters, run  # noqa: E402
+from lora_anywhere.testing import check_exact, max_error, randomize_adapters, run  # noqa: E402
 
 WAVE = torch.randn(2, 4000, generator=torch.Generator().manual_seed(0))  # 0.25 s at 16 kHz
 
@@ -95,7 +95,7 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Any, dict[str, Any]]] = {
     "hubert pre-training (small config)": (small_hubert_pretrain, hubert_pretrain_inputs, {"std": 0.2}),
     "conformer": (lambda: M.Conformer(input_dim=16, num_heads=2, ffn_dim=32, num_layers=2, depthwise_conv_kernel_size=7), (r(2, 20, 16), torch.tensor([20, 15])), {}),
     "emformer": (lambda: M.Emformer(input_dim=16, num_heads=2, ffn_dim=32, num_layers=2, segment_length=4, right_context_length=1, left_context_length=2), (r(2, 13, 16), torch.tensor([12, 10])), {}),
-    "emformer rnn-t": (small_rnnt, (r(2, 17, 16), torch.tensor([17, 13]), torch.randint(0, 10, (2, 5)), torch.tensor([5, 4])), {}),
+    "emformer rnn-t": (small_rnnt, (r(2, 17, 16), torch.tensor([17, 13]), torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(3)), torch.tensor([5, 4])), {}),
     "deepspeech": (lambda: M.DeepSpeech(n_feature=16, n_hidden=32, n_class=10), (r(2, 1, 20, 16),), {"std": 0.1}),
     "convtasnet (small config)": (lambda: M.ConvTasNet(num_sources=2, enc_kernel_size=16, enc_num_feats=32, msk_kernel_size=3, msk_num_feats=16, msk_num_hidden_feats=32, msk_num_layers=2, msk_num_stacks=1), (r(2, 1, 800),), {}),
     "hdemucs (small config)": (lambda: M.HDemucs(sources=["voice", "rest"], channels=4, nfft=256, depth=4), (r(1, 2, 2048),), {}),
@@ -123,11 +123,23 @@ def test_speech_plugin_is_active_with_its_rule() -> None:
     assert "torchaudio.models.wav2vec2.components.LogitGenerator" in info.rules
 
 
-def test_hubert_label_embeddings_are_adapted() -> None:
+def test_hubert_label_embeddings_are_adapted_exactly() -> None:
+    report = check_exact(small_hubert_pretrain, hubert_pretrain_inputs, targets="LogitGenerator", std=0.5)
+    assert report.adapted == 1
     model = small_hubert_pretrain()
     la.apply(model, targets="LogitGenerator", rank=4)
     rows = la.summary(model).rows
     assert [(row.layer, row.target, tuple(row.shape)) for row in rows] == [("logit_generator", "labels", (10, 16))]
+
+
+def test_exactness_check_sees_differences_beside_masked_logits() -> None:
+    """HuBERT's logits hold -inf where a negative is the positive class. An inf must
+    neither hide a difference elsewhere (core fix in testing.max_error) nor count as one."""
+    inf = float("inf")
+    masked = torch.tensor([[2.0, -inf], [1.0, 0.5]])
+    assert max_error([masked], [masked.clone()]) == 0.0
+    assert max_error([masked], [masked + torch.tensor([[0.0, 0.0], [0.0, 1.0]])]) == pytest.approx(0.5)
+    assert max_error([masked], [torch.ones(2, 2)]) == inf
 
 
 def _attention_hooks(model: nn.Module) -> list[str]:

@@ -98,7 +98,8 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Any, dict[str, Any]]] = {
     "emformer rnn-t": (small_rnnt, (r(2, 17, 16), torch.tensor([17, 13]), torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(3)), torch.tensor([5, 4])), {}),
     "deepspeech": (lambda: M.DeepSpeech(n_feature=16, n_hidden=32, n_class=10), (r(2, 1, 20, 16),), {"std": 0.1}),
     "convtasnet (small config)": (lambda: M.ConvTasNet(num_sources=2, enc_kernel_size=16, enc_num_feats=32, msk_kernel_size=3, msk_num_feats=16, msk_num_hidden_feats=32, msk_num_layers=2, msk_num_stacks=1), (r(2, 1, 800),), {}),
-    "hdemucs (small config)": (lambda: M.HDemucs(sources=["voice", "rest"], channels=4, nfft=256, depth=4), (r(1, 2, 2048),), {}),
+    # dconv_lstm/attn=2: the residual branches of layers 2+ get their BLSTM and local attention.
+    "hdemucs (small config)": (lambda: M.HDemucs(sources=["voice", "rest"], channels=4, nfft=256, depth=4, dconv_comp=1, dconv_lstm=2, dconv_attn=2), (r(1, 2, 2048),), {}),
     "wavernn (small config)": (lambda: M.WaveRNN(upsample_scales=[2, 2], n_classes=16, hop_length=4, n_res_block=2, n_rnn=16, n_fc=16, kernel_size=5, n_freq=8, n_hidden=16, n_output=16), (r(2, 1, 24), r(2, 1, 8, 10)), {}),
     "squim objective (small config)": (lambda: M.squim_objective_model(feat_dim=16, win_len=8, d_model=16, nhead=2, hidden_dim=16, num_blocks=1, rnn_type="LSTM", chunk_size=8), (r(2, 800),), {}),
     "wav2letter (waveform)": (lambda: M.Wav2Letter(num_classes=10, input_type="waveform", num_features=1), (r(1, 1, 4000),), {"std": 0.1}),

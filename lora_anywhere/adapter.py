@@ -21,26 +21,63 @@ ACTIVATION, WEIGHT = "activation", "weight"
 
 class LowRank(nn.Module):
     """ΔM = scale · B @ A for one rows × cols matrix. B starts at zero, so the
-    adapted model computes exactly what the base model does until it trains."""
+    adapted model computes exactly what the base model does until it trains.
 
-    def __init__(self, rows: int, cols: int, rank: int, scale: float, *, dtype: torch.dtype, device: torch.device) -> None:
+    With `init_from` (SVD initialisation, PiSSA) A and B start as the matrix's top
+    singular directions and ΔM = scale · (B A − B₀ A₀), where B₀ A₀ is their frozen
+    starting product: the same function and gradients as PiSSA's residual base
+    W − s·B₀A₀ plus s·BA, while the base tensor itself is never changed — so base
+    outputs, removal and loading onto a plain base stay exact.
+    """
+
+    def __init__(self, rows: int, cols: int, rank: int, scale: float, *, dtype: torch.dtype, device: torch.device, svd: bool = False) -> None:
         super().__init__()
         self.A = nn.Parameter(torch.empty(rank, cols, dtype=dtype, device=device))
         self.B = nn.Parameter(torch.zeros(rows, rank, dtype=dtype, device=device))
         self.scale = float(scale)
         # The initialisation nn.Linear gives its weight (and PEFT gives A).
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        if svd:
+            self.register_buffer("A0", torch.zeros(rank, cols, dtype=dtype, device=device))
+            self.register_buffer("B0", torch.zeros(rows, rank, dtype=dtype, device=device))
+        else:
+            self.A0 = self.B0 = None
 
     @property
     def rank(self) -> int:
         return self.A.shape[0]
 
+    @torch.no_grad()
+    def init_from(self, matrix: torch.Tensor) -> None:
+        """A, B (and A₀, B₀) from the top-r singular triplets of `matrix` (rows × cols)."""
+        m = matrix.detach().float()
+        r = self.rank
+        if min(m.shape) <= 1024:
+            u, sv, vh = torch.linalg.svd(m, full_matrices=False)
+        else:  # randomized SVD: exactness does not depend on its accuracy
+            u, sv, v = torch.svd_lowrank(m, q=min(r + 8, min(m.shape)), niter=4)
+            vh = v.T
+        root = (sv[:r] / self.scale).sqrt()
+        self.B.copy_(u[:, :r] * root)
+        self.A.copy_(root[:, None] * vh[:r])
+        self.B0.copy_(self.B)
+        self.A0.copy_(self.A)
+
+    def pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) such that ΔM = scale · B @ A: with SVD initialisation, the trained and
+        the frozen starting factors stacked, so activation paths stay one projection."""
+        if self.A0 is None:
+            return self.A, self.B
+        return torch.cat([self.A, self.A0]), torch.cat([self.B, -self.B0], dim=1)
+
     def delta(self) -> torch.Tensor:
         """The rows × cols update, scale folded into the small factor."""
-        return (self.B * self.scale) @ self.A
+        a, b = self.pair()
+        return (b * self.scale) @ a
 
     def extra_repr(self) -> str:
-        return f"rows={self.B.shape[0]}, cols={self.A.shape[1]}, rank={self.rank}, scale={self.scale:g}"
+        init = ", svd init" if self.A0 is not None else ""
+        return f"rows={self.B.shape[0]}, cols={self.A.shape[1]}, rank={self.rank}, scale={self.scale:g}{init}"
 
 
 @dataclass(frozen=True)
@@ -70,7 +107,20 @@ class LayerAdapter(nn.Module):
     or on the weight (whoever reads the tensor sees W + ΔW).
     """
 
-    def __init__(self, rule: Rule, targets: Iterable[ResolvedTarget], ranks: Mapping[str, int], scale: float, *, path: str, dropout: float, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        rule: Rule,
+        targets: Iterable[ResolvedTarget],
+        ranks: Mapping[str, int],
+        scale: float,
+        *,
+        path: str,
+        dropout: float,
+        dtype: torch.dtype,
+        device: torch.device,
+        svd: bool = False,
+        dora: bool = False,
+    ) -> None:
         super().__init__()
         self.rule = rule
         self.targets = {t.name: t for t in targets}
@@ -79,8 +129,22 @@ class LayerAdapter(nn.Module):
         self.merged = False
         self.active = True
         self.factors = nn.ModuleDict(
-            {t.name: LowRank(*t.matrix_shape, ranks[t.name], scale, dtype=dtype, device=device) for t in self.targets.values()}
+            {t.name: LowRank(*t.matrix_shape, ranks[t.name], scale, dtype=dtype, device=device, svd=svd) for t in self.targets.values()}
         )
+        # DoRA: W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ row by row; m starts as ‖W‖ (`init_magnitudes`).
+        self.magnitudes = nn.ParameterDict(
+            {t.name: nn.Parameter(torch.ones(t.matrix_shape[0], dtype=dtype, device=device)) for t in self.targets.values()} if dora else {}
+        )
+        self._merged_norms: dict[str, torch.Tensor] = {}
+
+    @property
+    def dora(self) -> bool:
+        return len(self.magnitudes) > 0
+
+    @torch.no_grad()
+    def init_magnitudes(self, blocks: Mapping[str, torch.Tensor]) -> None:
+        for name, block in blocks.items():
+            self.magnitudes[name].copy_(block.reshape(block.shape[0], -1).norm(dim=1))
 
     @property
     def live(self) -> bool:
@@ -97,13 +161,23 @@ class LayerAdapter(nn.Module):
             return x
         return F.dropout(x, self.dropout_p, training=True)
 
+    def block_delta(self, t: ResolvedTarget, block: torch.Tensor) -> torch.Tensor:
+        """ΔW for one target, given the block of the tensor it updates."""
+        delta = self.factors[t.name].delta().view(block.shape).to(block.dtype)
+        if not self.dora:
+            return delta
+        v = block + delta
+        norm = v.reshape(v.shape[0], -1).norm(dim=1)
+        factor = (self.magnitudes[t.name].to(block.dtype) / norm).view(-1, *(1,) * (v.dim() - 1))
+        return v * factor - block
+
     def tensor_delta(self, owner: str, tensor: str, like: torch.Tensor) -> torch.Tensor | None:
         """ΔW for one tensor, in its full shape, or None if this adapter does not touch it."""
         blocks = [t for t in self.targets.values() if t.owner == owner and t.tensor == tensor]
         if not blocks:
             return None
         if len(blocks) == 1 and blocks[0].rows is None:
-            return self.factors[blocks[0].name].delta().view(like.shape).to(like.dtype)
+            return self.block_delta(blocks[0], like)
         # Row blocks (q, k, v of a packed projection): zeros where nothing is adapted.
         blocks.sort(key=lambda t: t.rows[0])
         pieces, row = [], 0
@@ -112,16 +186,50 @@ class LayerAdapter(nn.Module):
             start, stop = t.rows
             if start > row:
                 pieces.append(like.new_zeros((start - row, *tail)))
-            pieces.append(self.factors[t.name].delta().view(stop - start, *tail).to(like.dtype))
+            pieces.append(self.block_delta(t, like[start:stop]))
             row = stop
         if row < like.shape[0]:
             pieces.append(like.new_zeros((like.shape[0] - row, *tail)))
         return torch.cat(pieces, dim=0)
 
-    def block_deltas(self) -> Iterable[tuple[ResolvedTarget, torch.Tensor]]:
-        for t in self.targets.values():
-            n = t.matrix_shape[0]
-            yield t, self.factors[t.name].delta().view(n, *t.shape[1:])
+    def set_trainable(self, on: bool, *, freeze_a: bool = False) -> None:
+        for f in self.factors.values():
+            f.A.requires_grad_(on and not freeze_a)
+            f.B.requires_grad_(on)
+        for m in self.magnitudes.values():
+            m.requires_grad_(on)
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor that defines this adapter, keyed ``target/name``: A and B, the
+        frozen SVD start A0 and B0, and DoRA's magnitude m."""
+        out = {}
+        for name, f in self.factors.items():
+            for key in ("A", "B", "A0", "B0"):
+                value = getattr(f, key)
+                if value is not None:
+                    out[f"{name}/{key}"] = value
+            if name in self.magnitudes:
+                out[f"{name}/m"] = self.magnitudes[name]
+        return out
+
+    @torch.no_grad()
+    def merge_block(self, t: ResolvedTarget, block: torch.Tensor, sign: int) -> None:
+        """Add (sign +1) or take out (-1) this adapter's update, in place and exactly.
+        DoRA's update depends on W, so merging remembers ‖W + ΔW‖ to invert it."""
+        delta = self.factors[t.name].delta().view(block.shape).to(block.dtype)
+        if not self.dora:
+            block.add_(delta, alpha=sign)
+            return
+        shape = (-1, *(1,) * (block.dim() - 1))
+        m = self.magnitudes[t.name].to(block.dtype).view(shape)
+        if sign > 0:
+            v = block + delta
+            norm = v.reshape(v.shape[0], -1).norm(dim=1).view(shape)
+            block.copy_(m * v / norm)
+            self._merged_norms[t.name] = norm
+        else:
+            v = block * self._merged_norms.pop(t.name) / m
+            block.copy_(v - delta)
 
     def extra_repr(self) -> str:
         state = "merged" if self.merged else ("active" if self.active else "disabled")

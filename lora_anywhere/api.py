@@ -22,6 +22,7 @@ from .selection import ALL, SelectorSet, compile_many, first_value
 DEFAULT = "default"
 DEFAULT_RANK = 8
 PATHS = ("auto", ACTIVATION, WEIGHT)
+INITS = ("lora", "svd")
 _STATE = "_lora_anywhere_state"
 
 
@@ -316,6 +317,8 @@ def apply(
     name: str = DEFAULT,
     freeze_a: bool = False,
     rslora: bool = False,
+    init: str = "lora",
+    dora: bool = False,
 ) -> nn.Module:
     """Add a low-rank adapter to every layer a rule covers (or those `targets` select),
     freeze every base parameter, and return the model (changed in place).
@@ -328,11 +331,16 @@ def apply(
     the same numbers, "auto" picks the cheaper per layer. ``freeze_a`` keeps A a fixed
     random projection and trains only B (LoRA-FA: the activation path then needs no
     copy of the layer input for the backward). ``rslora`` scales by alpha/√rank
-    instead of alpha/rank. If anything fails, the model is left exactly as it was.
+    instead of alpha/rank. ``init="svd"`` starts A and B from the top singular
+    directions of each weight (PiSSA; the output is unchanged at init). ``dora``
+    learns a magnitude per output row besides the low-rank direction (DoRA; weight
+    path). If anything fails, the model is left exactly as it was.
     """
     rank_given = rank is not None
     rank = DEFAULT_RANK if rank is None else rank
     _check_options(rank, alpha, dropout, path, name)
+    if init not in INITS:
+        raise LoraError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
     state = model_state(model)
     if (state and name in state.adapters) or any(name in a for _, _, a in adapted_layers(model)):
         raise AlreadyAdaptedError(
@@ -340,7 +348,7 @@ def apply(
             "or call lora_anywhere.remove(model) first"
         )
     trainable_names = _resolve_trainable(model, trainable)
-    plans = _plan(model, rank=rank, alpha=alpha, targets=targets, exclude=exclude, ranks=ranks, alphas=alphas, path=path, skip=set(trainable_names), rank_given=rank_given, rslora=rslora)
+    plans = _plan(model, rank=rank, alpha=alpha, targets=targets, exclude=exclude, ranks=ranks, alphas=alphas, path=WEIGHT if dora else path, skip=set(trainable_names), rank_given=rank_given, rslora=rslora)
     if not plans and not trainable_names:
         raise TargetError(f"nothing to adapt in {type(model).__name__}: no layer is covered by a rule; adaptable layers: {_adaptable_summary(model)}")
     config = AdapterConfig(
@@ -354,14 +362,31 @@ def apply(
         trainable=trainable_names,
         freeze_a=bool(freeze_a),
         rslora=bool(rslora),
+        init=init,
+        dora=bool(dora),
         library_version=_version(),
     )
     install(model, plans, config, dropout)
     return model
 
 
-def install(model: nn.Module, plans: list[LayerPlan], config: AdapterConfig, dropout: float) -> None:
-    """Carry out a plan, all or nothing."""
+def _initialise(layer: nn.Module, adapter: LayerAdapter, config: AdapterConfig) -> None:
+    """SVD factors and DoRA magnitudes come from the base tensors they adapt."""
+    blocks = {}
+    for t in adapter.targets.values():
+        owner = layer.get_submodule(t.owner) if t.owner else layer
+        raw = owner._parameters[t.tensor].detach()
+        blocks[t.name] = raw if t.rows is None else raw[t.rows[0] : t.rows[1]]
+    if config.init == "svd":
+        for name, block in blocks.items():
+            adapter.factors[name].init_from(block.reshape(block.shape[0], -1))
+    if config.dora:
+        adapter.init_magnitudes(blocks)
+
+
+def install(model: nn.Module, plans: list[LayerPlan], config: AdapterConfig, dropout: float, initialise: bool = True) -> None:
+    """Carry out a plan, all or nothing. `initialise=False` when the tensors will be
+    loaded from a file anyway."""
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     touched: list[nn.Module] = []
     state = model_state(model)
@@ -372,7 +397,12 @@ def install(model: nn.Module, plans: list[LayerPlan], config: AdapterConfig, dro
             ref = plan.targets[0]
             owner = plan.module.get_submodule(ref.owner) if ref.owner else plan.module
             like = owner._parameters[ref.tensor]
-            adapter = LayerAdapter(plan.rule, plan.targets, plan.ranks, plan.scale, path=plan.path, dropout=dropout, dtype=like.dtype, device=like.device)
+            adapter = LayerAdapter(
+                plan.rule, plan.targets, plan.ranks, plan.scale, path=plan.path, dropout=dropout,
+                dtype=like.dtype, device=like.device, svd=config.init == "svd", dora=config.dora,
+            )  # fmt: skip
+            if initialise:
+                _initialise(plan.module, adapter, config)
             container = plan.module._modules.get(attach.ADAPTERS)
             if container is None:
                 if hasattr(plan.module, attach.ADAPTERS):
@@ -397,9 +427,7 @@ def install(model: nn.Module, plans: list[LayerPlan], config: AdapterConfig, dro
         for pname, param in model.named_parameters():
             param.requires_grad_(any(pname.startswith(k) for k in keep))
         for module in touched:
-            for factors in module._modules[attach.ADAPTERS][config.name].factors.values():
-                factors.A.requires_grad_(not config.freeze_a)
-                factors.B.requires_grad_(True)
+            module._modules[attach.ADAPTERS][config.name].set_trainable(True, freeze_a=config.freeze_a)
         if fresh_state:
             state = ModelState(requires_grad=grads)
             model.__dict__[_STATE] = state
@@ -452,11 +480,10 @@ def _selected(model: nn.Module, name: str | None) -> list[tuple[str, nn.Module, 
 
 @torch.no_grad()
 def _shift(layer: nn.Module, adapter: LayerAdapter, sign: int) -> None:
-    for t, delta in adapter.block_deltas():
+    for t in adapter.targets.values():
         owner = layer.get_submodule(t.owner) if t.owner else layer
         raw = owner._parameters[t.tensor]
-        view = raw if t.rows is None else raw[t.rows[0] : t.rows[1]]
-        view.add_(delta.to(raw.dtype), alpha=sign)
+        adapter.merge_block(t, raw if t.rows is None else raw[t.rows[0] : t.rows[1]], sign)
 
 
 def merge(model: nn.Module, name: str | None = None) -> nn.Module:

@@ -42,6 +42,8 @@ class AdapterConfig:
     layers: dict[str, LayerRecord] = field(default_factory=dict)
     freeze_a: bool = False
     rslora: bool = False
+    init: str = "lora"
+    dora: bool = False
     library_version: str = ""
     format: str = FORMAT
 

@@ -46,17 +46,17 @@ def _factor_key(layer: str, target: str, factor: str) -> str:
 
 
 def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
-    """The tensors `save_adapter` writes: every A and B, and the parameters and buffers
-    (e.g. BatchNorm running statistics) of the `trainable` modules."""
+    """The tensors `save_adapter` writes: every A and B (and SVD starts and DoRA
+    magnitudes), and the parameters and buffers (e.g. BatchNorm running statistics)
+    of the `trainable` modules."""
     name = _adapter_name(model, name)
     config = model_state(model).adapters[name]
     out: dict[str, torch.Tensor] = {}
     for layer_name in config.layers:
         layer = model.get_submodule(layer_name)
         adapter = layer._modules[attach.ADAPTERS][name]
-        for target, factors in adapter.factors.items():
-            out[_factor_key(layer_name, target, "A")] = factors.A.detach()
-            out[_factor_key(layer_name, target, "B")] = factors.B.detach()
+        for key, value in adapter.saved_tensors().items():
+            out[f"lora/{layer_name}/{key}"] = value.detach()
     for module_name in config.trainable:
         for key, value in model.get_submodule(module_name).state_dict().items():
             out[f"trainable/{module_name}.{key}" if module_name else f"trainable/{key}"] = value.detach()
@@ -124,14 +124,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     if problems:
         shown = "\n  - ".join(problems[:20]) + (f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise ShapeMismatchError(f"the adapter at {path} does not fit this model:\n  - {shown}\nload it onto the model it was trained on (same architecture and sizes)")
-    install(model, plans, config, config.dropout)
+    install(model, plans, config, config.dropout, initialise=False)
     try:
         with torch.no_grad():
             for layer_name in config.layers:
                 adapter = model.get_submodule(layer_name)._modules[attach.ADAPTERS][config.name]
-                for target, factors in adapter.factors.items():
-                    factors.A.copy_(tensors[_factor_key(layer_name, target, "A")])
-                    factors.B.copy_(tensors[_factor_key(layer_name, target, "B")])
+                for key, target in adapter.saved_tensors().items():
+                    source = tensors.get(f"lora/{layer_name}/{key}")
+                    if source is None or source.shape != target.shape:
+                        found = "missing" if source is None else f"of shape {tuple(source.shape)}"
+                        raise ShapeMismatchError(f"the adapter at {path}: tensor lora/{layer_name}/{key} is {found}, expected {tuple(target.shape)}; save the adapter again")
+                    target.copy_(source)
             for key, value in tensors.items():
                 if key.startswith("trainable/"):
                     state_dict[key[len("trainable/") :]].copy_(value)

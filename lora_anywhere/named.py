@@ -42,10 +42,7 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
             if adapter.merged and aname != name:
                 raise LoraError(f"adapter {aname!r} is merged into the weights; call unmerge(model, {aname!r}) before switching to {name!r}")
             adapter.active = aname == name
-            freeze_a = model_state(model).adapters[aname].freeze_a
-            for f in adapter.factors.values():
-                f.A.requires_grad_(adapter.active and not freeze_a)
-                f.B.requires_grad_(adapter.active)
+            adapter.set_trainable(adapter.active, freeze_a=model_state(model).adapters[aname].freeze_a)
         attach.refresh(layer)
     return model
 
@@ -93,6 +90,8 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str = "combine
         raise LoraError("combine() needs at least one adapter name with its weight, e.g. {'a': 0.5, 'b': 0.5}")
     for n in weights:
         _require(model, n)
+        if model_state(model).adapters[n].dora:
+            raise LoraError(f"adapter {n!r} is a DoRA adapter, whose update is not linear in its factors; combine() takes plain LoRA adapters")
     if name in _names(model):
         raise LoraError(f"the model already has an adapter named {name!r}; choose another name for the combination")
     state = model_state(model)
@@ -106,12 +105,13 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str = "combine
             continue
         targets = {t.name: t for a, _ in parts for t in a.targets.values()}
         like = next(iter(parts[0][0].factors.values())).A
-        ranks = {t: sum(a.factors[t].rank for a, _ in parts if t in a.factors) for t in targets}
+        ranks = {t: sum(a.factors[t].pair()[0].shape[0] for a, _ in parts if t in a.factors) for t in targets}
         combined = LayerAdapter(parts[0][0].rule, targets.values(), ranks, 1.0, path=parts[0][0].path, dropout=0.0, dtype=like.dtype, device=like.device)
         for tname in targets:
             pieces = [(a.factors[tname], w) for a, w in parts if tname in a.factors]
-            combined.factors[tname].A = nn.Parameter(torch.cat([f.A for f, _ in pieces]).clone())
-            combined.factors[tname].B = nn.Parameter(torch.cat([f.B * (w * f.scale) for f, w in pieces], dim=1).clone())
+            pairs = [(f.pair(), w * f.scale) for f, w in pieces]
+            combined.factors[tname].A = nn.Parameter(torch.cat([a for (a, _), _ in pairs]).clone())
+            combined.factors[tname].B = nn.Parameter(torch.cat([b * w for (_, b), w in pairs], dim=1).clone())
         layer._modules[attach.ADAPTERS][name] = combined
         record = copy.deepcopy(state.adapters[next(n for n in weights if n in adapters)].layers[layer_name])
         record.scale = 1.0

@@ -344,3 +344,8 @@ def test_two_adapters_on_one_layer_unfused_path_is_exact(factory, x):
     for name, grad in results[0][1].items():
         assert grad is not None, f"{name} got no gradient"
         torch.testing.assert_close(grad, results[1][1][name], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("cell", [nn.RNNCell, nn.LSTMCell, nn.GRUCell])
+def test_recurrent_cells(cell):
+    check_exact(lambda: cell(5, 7), (torch.randn(3, 5),), rank=2)

@@ -33,11 +33,12 @@ class LinearRule(Rule):
     def forward(self, layer, weight, adapters, x):  # type: ignore[override]
         if len(adapters) == 1 and not adapters[0].dropout_active:
             f = adapters[0].factors["weight"]
-            return linear_lora(x, weight, layer.bias, f.A, f.B, f.scale)
+            return linear_lora(x, weight, layer.bias, *f.pair(), f.scale)
         y = F.linear(x, weight, layer.bias)
         for a in adapters:
             f = a.factors["weight"]
-            y = y + F.linear(F.linear(a.dropout(x), f.A) * f.scale, f.B)
+            fa, fb = f.pair()
+            y = y + F.linear(F.linear(a.dropout(x), fa) * f.scale, fb)
         return y
 
 
@@ -72,17 +73,18 @@ class ConvRule(Rule):
         g = layer.groups
         if g == 1 and len(adapters) == 1 and not adapters[0].dropout_active:
             f = adapters[0].factors["weight"]
-            return conv_lora(layer, x, weight, f.A, f.B, f.scale)
+            return conv_lora(layer, x, weight, *f.pair(), f.scale)
         y = layer._conv_forward(x, weight, layer.bias)
         ones = (1,) * self.dims
         for a in adapters:
             f = a.factors["weight"]
-            r = f.rank
-            a_kernel = f.A.view(r, *weight.shape[1:])
+            fa, fb = f.pair()
+            r = fa.shape[0]
+            a_kernel = fa.view(r, *weight.shape[1:])
             if g > 1:
                 a_kernel = a_kernel.repeat(g, *(1,) * (a_kernel.dim() - 1))
             z = layer._conv_forward(a.dropout(x), a_kernel, None) * f.scale
-            y = y + _CONV_FN[self.dims](z, f.B.view(f.B.shape[0], r, *ones), groups=g)
+            y = y + _CONV_FN[self.dims](z, fb.reshape(fb.shape[0], r, *ones), groups=g)
         return y
 
 
@@ -117,8 +119,9 @@ class EmbeddingRule(Rule):
         y = F.embedding(x, weight, layer.padding_idx, layer.max_norm, layer.norm_type, layer.scale_grad_by_freq, layer.sparse)
         for a in adapters:
             f = a.factors["weight"]
-            rows = F.embedding(x, f.B, layer.padding_idx, None, 2.0, layer.scale_grad_by_freq, False)
-            y = y + rows @ (f.A * f.scale)
+            fa, fb = f.pair()
+            rows = F.embedding(x, fb, layer.padding_idx, None, 2.0, layer.scale_grad_by_freq, False)
+            y = y + rows @ (fa * f.scale)
         return y
 
 
@@ -149,6 +152,16 @@ class RNNRule(Rule):
         return tuple(Target(n, n) for n in layer._flat_weights_names if n.startswith("weight_"))
 
 
+class RNNCellRule(Rule):
+    """RNNCell, LSTMCell and GRUCell: ``weight_ih`` and ``weight_hh``, weight path
+    (the cell hands both to a fused kernel)."""
+
+    name = "torch.nn.RNNCellBase"
+
+    def targets(self, layer: nn.Module) -> Sequence[Target]:
+        return (Target("weight_ih", "weight_ih"), Target("weight_hh", "weight_hh"))
+
+
 @hookimpl
 def lora_anywhere_register_rules(register: Callable[[type, Rule], None]) -> None:
     register(nn.Linear, LinearRule())
@@ -159,6 +172,7 @@ def lora_anywhere_register_rules(register: Callable[[type, Rule], None]) -> None
     register(nn.Embedding, EmbeddingRule())
     register(nn.MultiheadAttention, MultiheadAttentionRule())
     register(nn.RNNBase, RNNRule())
+    register(nn.RNNCellBase, RNNCellRule())
 
 
 @hookimpl

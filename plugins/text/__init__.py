@@ -53,7 +53,8 @@ class Conv1DRule(Rule):
         y = torch.addmm(layer.bias, x2d, weight)
         for a in adapters:
             f = a.factors["weight"]
-            y = y + (a.dropout(x2d) @ f.B) @ (f.A * f.scale)
+            fa, fb = f.pair()
+            y = y + (a.dropout(x2d) @ fb) @ (fa * f.scale)
         return y.view(size_out)
 
 

@@ -42,7 +42,8 @@ class PygLinearRule(Rule):
         y = F.linear(x, weight, layer.bias)
         for a in adapters:
             f = a.factors["weight"]
-            y = y + F.linear(F.linear(a.dropout(x), f.A) * f.scale, f.B)
+            fa, fb = f.pair()
+            y = y + F.linear(F.linear(a.dropout(x), fa) * f.scale, fb)
         return y
 
 

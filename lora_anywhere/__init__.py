@@ -23,6 +23,7 @@ from .errors import (
 )
 from .hookspecs import hookimpl
 from .io import adapter_state_dict, load_adapter, save_adapter
+from .rank_selection import RankSelection, select_rank
 from .named import active_adapters, combine, delete_adapter, disabled, set_adapter
 from .registry import Rule, Target, plugins, register_plugin, unregister_plugin
 from .summary import Summary, summary
@@ -41,6 +42,8 @@ __all__ = [
     "disabled",
     "delete_adapter",
     "combine",
+    "select_rank",
+    "RankSelection",
     "save_adapter",
     "load_adapter",
     "adapter_state_dict",

@@ -248,6 +248,12 @@ def test_pyg_linear_both_paths_are_exact(path: str) -> None:
     assert {r.path for r in la.summary(model).rows} == {path}
 
 
+@pytest.mark.parametrize("options", [{"init": "svd", "path": "activation"}, {"init": "svd"}, {"dora": True}])
+def test_svd_init_and_dora_on_graph_layers(options: dict[str, Any]) -> None:
+    check_exact(lambda: nn.Sequential(Linear(FEATURES, 32), nn.ReLU(), Linear(32, 4)), (G["x"],), **options)
+    check_exact(lambda: build_model("pyg:GAT", heads=2), (G["x"], G["edge_index"]), **options)
+
+
 def test_lazy_pyg_linear_asks_for_a_forward_first() -> None:
     for model in (nn.Sequential(Linear(-1, 8)), Net(GCNConv(-1, 8))):
         with pytest.raises(la.LazyLayerError, match="run one forward"):

@@ -58,7 +58,8 @@ class HeteroLinearRule(Rule):
     uses for its relation weights, applied to the update (rank ≤ number of types).
     The bias table is a types × out matrix like an embedding table, and gets a
     low-rank update too. Both are read by the forward each time, so the weight path
-    is exact."""
+    is exact. Without pyg-lib's segment_matmul that forward reads ``weight[t]`` once
+    per type, and each read forms W + ΔW again: with many types, merge for inference."""
 
     name = "torch_geometric.nn.HeteroLinear"
 

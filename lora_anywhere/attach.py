@@ -29,6 +29,7 @@ ADAPTERS = "lora_adapters"
 _LAYER = "_lora_layer"  # on a tensor owner: the layer whose adapters apply
 _OWNER_PATH = "_lora_owner_path"  # on a tensor owner: its path below that layer
 _TIED = "_lora_tied"  # on a layer: modules outside it that hold one of its adapted tensors
+_RAW = "_lora_raw"  # on a tensor owner, while its class saves or loads its state
 
 _CLASSES: dict[tuple[type, tuple[str, ...], bool], type] = {}
 
@@ -57,6 +58,8 @@ def effective_tensor(owner: nn.Module, tensor: str, *, include_activation: bool 
 
 def _tensor_property(tensor: str) -> property:
     def get(self: nn.Module) -> torch.Tensor:
+        if self.__dict__.get(_RAW):
+            return self._parameters[tensor]
         return effective_tensor(self, tensor)
 
     get.__name__ = tensor
@@ -67,6 +70,24 @@ def _adapted_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     adapters = [a for a in self._modules[ADAPTERS].values() if a.live and a.path == ACTIVATION]
     weight = effective_tensor(self, "weight", include_activation=False)
     return adapters[0].rule.forward(self, weight, adapters, *args, **kwargs)
+
+
+def _save_to_state_dict(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+    # A class may save through its attributes (PyG's Linear reads self.weight): it
+    # must store the base tensor, never W + ΔW, or a reload would add ΔW twice.
+    self.__dict__[_RAW] = True
+    try:
+        type(self).__lora_base__._save_to_state_dict(self, *args, **kwargs)
+    finally:
+        del self.__dict__[_RAW]
+
+
+def _load_from_state_dict(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+    self.__dict__[_RAW] = True
+    try:
+        type(self).__lora_base__._load_from_state_dict(self, *args, **kwargs)
+    finally:
+        del self.__dict__[_RAW]
 
 
 def _reduce(self: nn.Module, protocol: int) -> Any:
@@ -91,6 +112,8 @@ def adapted_class(base: type, tensors: tuple[str, ...], forward: bool) -> type:
             __module__=base.__module__,
             __qualname__=base.__qualname__,
             __reduce_ex__=_reduce,
+            _save_to_state_dict=_save_to_state_dict,
+            _load_from_state_dict=_load_from_state_dict,
         )
         if forward:
             namespace["forward"] = _adapted_forward

@@ -25,6 +25,7 @@ from .hookspecs import hookimpl
 from .io import adapter_state_dict, load_adapter, save_adapter
 from .rank_selection import RankSelection, select_rank
 from .named import active_adapters, combine, delete_adapter, disabled, set_adapter
+from .rules.torch_nn import ConvRule, LinearRule
 from .registry import Rule, Target, plugins, register_plugin, unregister_plugin
 from .summary import Summary, summary
 from .tasks import Task
@@ -57,6 +58,8 @@ __all__ = [
     "hookimpl",
     "Rule",
     "Target",
+    "LinearRule",
+    "ConvRule",
     "LoraError",
     "TargetError",
     "RankError",

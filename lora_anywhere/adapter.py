@@ -80,6 +80,24 @@ class LowRank(nn.Module):
         return f"rows={self.B.shape[0]}, cols={self.A.shape[1]}, rank={self.rank}, scale={self.scale:g}{init}"
 
 
+@dataclass
+class Term:
+    """One adapter's contribution to one module on the activation path:
+    ``y += scale · B(A(dropout(x)))``, with A (r × cols) and B (rows × r)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    adapter: "LayerAdapter"
+
+    @property
+    def dropout_active(self) -> bool:
+        return self.adapter.dropout_active
+
+    def dropout(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter.dropout(x)
+
+
 @dataclass(frozen=True)
 class ResolvedTarget:
     """A rule's target bound to a concrete tensor of a concrete layer."""
@@ -114,7 +132,7 @@ class LayerAdapter(nn.Module):
         ranks: Mapping[str, int],
         scale: float,
         *,
-        path: str,
+        activation_owners: Mapping[str, Rule] | None = None,
         dropout: float,
         dtype: torch.dtype,
         device: torch.device,
@@ -124,7 +142,10 @@ class LayerAdapter(nn.Module):
         super().__init__()
         self.rule = rule
         self.targets = {t.name: t for t in targets}
-        self.path = path
+        # The modules (paths below the layer) whose forward adds this adapter on the
+        # activations, each with the rule that computes it; every other target
+        # reaches the output through W + ΔW.
+        self.activation_owners: dict[str, Rule] = dict(activation_owners or {})
         self.dropout_p = float(dropout)
         self.merged = False
         self.active = True
@@ -145,6 +166,33 @@ class LayerAdapter(nn.Module):
     def init_magnitudes(self, blocks: Mapping[str, torch.Tensor]) -> None:
         for name, block in blocks.items():
             self.magnitudes[name].copy_(block.reshape(block.shape[0], -1).norm(dim=1))
+
+    @property
+    def path(self) -> str:
+        owners = {t.owner for t in self.targets.values()}
+        if not self.activation_owners:
+            return WEIGHT
+        return ACTIVATION if owners <= self.activation_owners.keys() else "mixed"
+
+    def activation_rule(self, owner: str) -> Rule:
+        return self.activation_owners[owner]
+
+    def activation_term(self, owner: str, rows: int) -> Term:
+        """This adapter's term for the module at `owner`, whose weight has `rows` rows:
+        row blocks (q and v of a fused qkv) become one A and a B that is zero outside
+        its blocks, so the whole update stays one low-rank projection."""
+        blocks = sorted((t for t in self.targets.values() if t.owner == owner), key=lambda t: t.rows or (0, 0))
+        if len(blocks) == 1 and blocks[0].rows is None:
+            f = self.factors[blocks[0].name]
+            return Term(*f.pair(), f.scale, self)
+        a_parts, b_parts = [], []
+        for t in blocks:
+            f = self.factors[t.name]
+            a, b = f.pair()
+            start, stop = t.rows
+            a_parts.append(a)
+            b_parts.append(F.pad(b * f.scale, (0, 0, start, rows - stop)))
+        return Term(torch.cat(a_parts), torch.cat(b_parts, dim=1), 1.0, self)
 
     @property
     def live(self) -> bool:

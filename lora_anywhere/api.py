@@ -52,7 +52,7 @@ class LayerPlan:
     targets: list[ResolvedTarget]
     ranks: dict[str, int]  # per target: the layer's rank, clamped to that matrix's full rank
     scale: float
-    path: str
+    activation: dict[str, Rule]  # see `activation_owners`
 
 
 def _check_rank(value: Any, what: str) -> int:
@@ -197,7 +197,7 @@ def _plan(
         layer_alpha = layer_alpha if layer_alpha is not None else (alpha if alpha is not None else layer_rank)
         scale = float(layer_alpha) / (math.sqrt(layer_rank) if rslora else layer_rank)
         ranks_by_target = {t.name: min(layer_rank, t.full_rank) for t in resolved}
-        plans.append(LayerPlan(name, module, rule, resolved, ranks_by_target, scale, _choose_path(path, rule, module, resolved, parametrized, layer_rank)))
+        plans.append(LayerPlan(name, module, rule, resolved, ranks_by_target, scale, activation_owners(path, module, resolved, layer_rank)))
 
     for selectors, seen, what in ((target_set, hits, "target"), (exclude_set, ex_hits, "exclude")):
         if selectors is None:
@@ -255,13 +255,28 @@ def _under(name: str, prefixes: set[str]) -> bool:
     return any(name == p or name.startswith(p + ".") or p == "" for p in prefixes)
 
 
-def _choose_path(path: str, rule: Rule, module: nn.Module, targets: list[ResolvedTarget], parametrized: bool, rank: int) -> str:
-    plain_weight = len(targets) == 1 and targets[0].owner == "" and targets[0].tensor == "weight" and targets[0].rows is None
-    if path == WEIGHT or parametrized or not plain_weight or not rule.supports_activation(module):
-        return WEIGHT
-    if path == ACTIVATION:
-        return ACTIVATION
-    return ACTIVATION if rule.prefers_activation(module, rank) else WEIGHT
+def activation_owners(path: str, layer: nn.Module, targets: list[ResolvedTarget], rank: int) -> dict[str, Rule]:
+    """The modules below `layer` whose forward will add the adapter on the activations:
+    those whose targets are all their own `weight`, whose rule offers the activation
+    path for them, and (with path "auto") expects it to be the cheaper one. Forcing
+    "activation" still leaves the others on the weight path, which is always exact."""
+    if path == WEIGHT:
+        return {}
+    reg = registry()
+    by_owner: dict[str, list[ResolvedTarget]] = {}
+    for t in targets:
+        by_owner.setdefault(t.owner, []).append(t)
+    chosen = {}
+    for owner_path, group in by_owner.items():
+        if any(t.tensor != "weight" for t in group):
+            continue
+        owner = layer.get_submodule(owner_path) if owner_path else layer
+        rule = reg.rule_for(owner)
+        if rule is None or not rule.supports_activation(owner):
+            continue
+        if path == ACTIVATION or rule.prefers_activation(owner, rank):
+            chosen[owner_path] = rule
+    return chosen
 
 
 def _adaptable_summary(model: nn.Module) -> str:
@@ -398,7 +413,7 @@ def install(model: nn.Module, plans: list[LayerPlan], config: AdapterConfig, dro
             owner = plan.module.get_submodule(ref.owner) if ref.owner else plan.module
             like = owner._parameters[ref.tensor]
             adapter = LayerAdapter(
-                plan.rule, plan.targets, plan.ranks, plan.scale, path=plan.path, dropout=dropout,
+                plan.rule, plan.targets, plan.ranks, plan.scale, activation_owners=plan.activation, dropout=dropout,
                 dtype=like.dtype, device=like.device, svd=config.init == "svd", dora=config.dora,
             )  # fmt: skip
             if initialise:
@@ -416,7 +431,7 @@ def install(model: nn.Module, plans: list[LayerPlan], config: AdapterConfig, dro
             config.layers[plan.name] = LayerRecord(
                 rule=plan.rule.name,
                 type=f"{type(plan.module).__module__}.{type(plan.module).__qualname__}",
-                path=plan.path,
+                path=adapter.path,
                 scale=plan.scale,
                 targets={
                     t.name: TargetRecord(t.owner, t.tensor, list(t.rows) if t.rows else None, list(t.shape), adapter.factors[t.name].rank)

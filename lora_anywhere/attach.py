@@ -22,13 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import ACTIVATION, LayerAdapter
+from .adapter import LayerAdapter
 from .errors import LoraError
 
 ADAPTERS = "lora_adapters"
 _LAYER = "_lora_layer"  # on a tensor owner: the layer whose adapters apply
 _OWNER_PATH = "_lora_owner_path"  # on a tensor owner: its path below that layer
 _TIED = "_lora_tied"  # on a layer: modules outside it that hold one of its adapted tensors
+_RULE = "_lora_rule"  # on a module whose forward adds adapters on the activations
 _RAW = "_lora_raw"  # on a tensor owner, while its class saves or loads its state
 
 _CLASSES: dict[tuple[type, tuple[str, ...], bool], type] = {}
@@ -44,12 +45,13 @@ def layer_adapters(layer: nn.Module) -> dict[str, LayerAdapter]:
 
 
 def effective_tensor(owner: nn.Module, tensor: str, *, include_activation: bool = True) -> torch.Tensor:
-    """The tensor as the adapted model sees it: W plus every live adapter's ΔW."""
+    """The tensor as the adapted model sees it: W plus every live adapter's ΔW (without
+    those the owner's own forward adds on the activations, if asked)."""
     w = owner._parameters[tensor]
     layer = owner.__dict__[_LAYER]
     path = owner.__dict__[_OWNER_PATH]
     for adapter in layer._modules[ADAPTERS].values():
-        if adapter.live and (include_activation or adapter.path != ACTIVATION):
+        if adapter.live and (include_activation or path not in adapter.activation_owners):
             delta = adapter.tensor_delta(path, tensor, w)
             if delta is not None:
                 w = w + delta
@@ -67,9 +69,11 @@ def _tensor_property(tensor: str) -> property:
 
 
 def _adapted_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    adapters = [a for a in self._modules[ADAPTERS].values() if a.live and a.path == ACTIVATION]
+    layer, path = self.__dict__[_LAYER], self.__dict__[_OWNER_PATH]
     weight = effective_tensor(self, "weight", include_activation=False)
-    return adapters[0].rule.forward(self, weight, adapters, *args, **kwargs)
+    rows = weight.shape[0]
+    terms = [a.activation_term(path, rows) for a in layer._modules[ADAPTERS].values() if a.live and path in a.activation_owners]
+    return self.__dict__[_RULE].forward(self, weight, terms, *args, **kwargs)
 
 
 def _save_to_state_dict(self: nn.Module, *args: Any, **kwargs: Any) -> None:
@@ -164,26 +168,26 @@ def refresh(layer: nn.Module) -> None:
     for adapter in live:
         for t in adapter.targets.values():
             owners[t.owner].add(t.tensor)
-    use_forward = any(a.path == ACTIVATION for a in live)
     owners.setdefault("", set())
     for path, tensors in owners.items():
         owner = layer.get_submodule(path) if path else layer
         base = base_class(owner)
-        forward = use_forward and path == ""
-        if forward:
-            tensors.discard("weight")  # the forward reads the raw weight itself
-            tensors_for_readers = ("weight",)  # but outside readers still see W + ΔW
-        else:
-            tensors_for_readers = ()
-        names = tuple(sorted(set(tensors) | set(tensors_for_readers)))
-        if names or forward:
+        # A forward on the activations reads the raw weight itself; other readers of
+        # `weight` (a parent calling F.linear on it) still see W + ΔW via the property.
+        forward = any(path in a.activation_owners for a in live)
+        names = tuple(sorted(tensors | ({"weight"} if forward else set())))
+        if names:
             owner.__class__ = adapted_class(base, names, forward)
             owner.__dict__[_LAYER] = layer
             owner.__dict__[_OWNER_PATH] = path
+            if forward:
+                owner.__dict__[_RULE] = next(a.activation_rule(path) for a in live if path in a.activation_owners)
+            else:
+                owner.__dict__.pop(_RULE, None)
         else:
             owner.__class__ = base
-            owner.__dict__.pop(_LAYER, None)
-            owner.__dict__.pop(_OWNER_PATH, None)
+            for key in (_LAYER, _OWNER_PATH, _RULE):
+                owner.__dict__.pop(key, None)
     live_tensors = {(t.owner, t.tensor) for a in live for t in a.targets.values()}
     for module, path, tensor in layer.__dict__.get(_TIED, ()):
         if (path, tensor) in live_tensors:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import attach
-from .api import LayerPlan, _choose_path, install, model_state, remove, resolve_targets
+from .api import LayerPlan, activation_owners, install, model_state, remove, resolve_targets
 from .atomic import atomic_dir
 from .config import FORMAT, AdapterConfig
 from .errors import AdapterFileError, NotAdaptedError, ShapeMismatchError
@@ -160,7 +160,7 @@ def _plans_from_config(model: nn.Module, config: AdapterConfig, tensors: dict[st
             problems.append(f"layer {layer_name!r}: saved with rule {record.rule}, the model's {type(layer).__name__} has {found}")
             continue
         try:
-            resolved, parametrized = resolve_targets(layer_name, layer, rule, frozenset(record.targets))
+            resolved, _ = resolve_targets(layer_name, layer, rule, frozenset(record.targets))
         except Exception as exc:
             problems.append(f"layer {layer_name!r}: {exc}")
             continue
@@ -178,8 +178,10 @@ def _plans_from_config(model: nn.Module, config: AdapterConfig, tensors: dict[st
                 elif tuple(tensors[key].shape) != shape:
                     problems.append(f"tensor {key}: shape {tuple(tensors[key].shape)}, expected {shape}")
             ranks[t.name] = saved.rank
-        path = _choose_path(record.path, rule, layer, resolved, parametrized, max(ranks.values(), default=1))
-        plans.append(LayerPlan(layer_name, layer, rule, resolved, ranks, record.scale, path))
+        # Both paths give the same numbers: keep the saved preference where possible.
+        preference = "auto" if record.path == "mixed" else record.path
+        activation = activation_owners(preference, layer, resolved, max(ranks.values(), default=1))
+        plans.append(LayerPlan(layer_name, layer, rule, resolved, ranks, record.scale, activation))
     return plans, problems
 
 

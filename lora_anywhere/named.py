@@ -106,7 +106,7 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str = "combine
         targets = {t.name: t for a, _ in parts for t in a.targets.values()}
         like = next(iter(parts[0][0].factors.values())).A
         ranks = {t: sum(a.factors[t].pair()[0].shape[0] for a, _ in parts if t in a.factors) for t in targets}
-        combined = LayerAdapter(parts[0][0].rule, targets.values(), ranks, 1.0, path=parts[0][0].path, dropout=0.0, dtype=like.dtype, device=like.device)
+        combined = LayerAdapter(parts[0][0].rule, targets.values(), ranks, 1.0, activation_owners=parts[0][0].activation_owners, dropout=0.0, dtype=like.dtype, device=like.device)
         for tname in targets:
             pieces = [(a.factors[tname], w) for a, w in parts if tname in a.factors]
             pairs = [(f.pair(), w * f.scale) for f, w in pieces]

@@ -57,11 +57,11 @@ class Rule:
         """Whether `y = layer(x) + s·B(A(x))` is cheaper than running with W + ΔW."""
         return True
 
-    def forward(self, layer: nn.Module, weight: torch.Tensor, adapters: Sequence[Any], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Run `layer` with base weight `weight` and add each adapter's activation term.
+    def forward(self, layer: nn.Module, weight: torch.Tensor, terms: Sequence[Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Run `layer` with base weight `weight` and add each term ``scale · B(A(x))``.
 
-        Each adapter exposes ``factors["weight"]`` (with ``A``, ``B``, ``scale``) and
-        ``dropout(x)``.
+        A term has ``a`` (r × cols of the weight's matrix view), ``b`` (rows × r),
+        ``scale``, ``dropout(x)`` and ``dropout_active``.
         """
         raise NotImplementedError
 

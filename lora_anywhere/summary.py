@@ -74,7 +74,7 @@ def summary(model: nn.Module) -> Summary:
             for t in adapter.targets.values():
                 f = adapter.factors[t.name]
                 n = f.A.numel() + f.B.numel()
-                s.rows.append(SummaryRow(layer=layer_name, rule=adapter.rule.name, target=t.name, shape=t.shape, rank=f.rank, path=adapter.path, adapter_params=n))
+                s.rows.append(SummaryRow(layer=layer_name, rule=adapter.rule.name, target=t.name, shape=t.shape, rank=f.rank, path="activation" if t.owner in adapter.activation_owners else "weight", adapter_params=n))
                 s.adapter_params += n
                 owner = layer.get_submodule(t.owner) if t.owner else layer
                 tensor = owner._parameters[t.tensor]

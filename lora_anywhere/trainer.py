@@ -149,7 +149,8 @@ class Trainer:
     # ------------------------------------------------------------------ public
 
     def fit(self) -> list[dict[str, float]]:
-        """Train; return the per-epoch history (also in ``self.history``)."""
+        """Train; return the per-epoch history (also in ``self.history``). Call it once:
+        to train further, make a Trainer with more epochs and ``resume=True``."""
         position = self._load_checkpoint() if self.resume else None
         if position is None:
             _seed_everything(self.seed)
@@ -170,6 +171,8 @@ class Trainer:
                 row["lr"] = self.scheduler.get_last_lr()[0]
                 row["seconds"] = round(time.perf_counter() - started, 3)
                 self.history.append(row)
+                if self.progress:  # the bars vanish when done; the epoch's numbers stay
+                    print(f"epoch {epoch + 1}/{self.epochs}  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"), file=sys.stderr)
                 stop = self._end_of_epoch(row)
                 self._save_checkpoint({"epoch": epoch + 1, "batch": 0, "rng_epoch": _rng_state(self.device)})
                 self._write_logs()

@@ -30,15 +30,13 @@ class LinearRule(Rule):
     def targets(self, layer: nn.Module) -> Sequence[Target]:
         return WEIGHT
 
-    def forward(self, layer, weight, adapters, x):  # type: ignore[override]
-        if len(adapters) == 1 and not adapters[0].dropout_active:
-            f = adapters[0].factors["weight"]
-            return linear_lora(x, weight, layer.bias, *f.pair(), f.scale)
+    def forward(self, layer, weight, terms, x):  # type: ignore[override]
+        if len(terms) == 1 and not terms[0].dropout_active:
+            t = terms[0]
+            return linear_lora(x, weight, layer.bias, t.a, t.b, t.scale)
         y = F.linear(x, weight, layer.bias)
-        for a in adapters:
-            f = a.factors["weight"]
-            fa, fb = f.pair()
-            y = y + F.linear(F.linear(a.dropout(x), fa) * f.scale, fb)
+        for t in terms:
+            y = y + F.linear(F.linear(t.dropout(x), t.a) * t.scale, t.b)
         return y
 
 
@@ -69,22 +67,20 @@ class ConvRule(Rule):
         # full weight gradient (about one forward). Depthwise convs go the weight way.
         return rank * layer.groups * 2 <= layer.out_channels
 
-    def forward(self, layer, weight, adapters, x):  # type: ignore[override]
+    def forward(self, layer, weight, terms, x):  # type: ignore[override]
         g = layer.groups
-        if g == 1 and len(adapters) == 1 and not adapters[0].dropout_active:
-            f = adapters[0].factors["weight"]
-            return conv_lora(layer, x, weight, *f.pair(), f.scale)
+        if g == 1 and len(terms) == 1 and not terms[0].dropout_active:
+            t = terms[0]
+            return conv_lora(layer, x, weight, t.a, t.b, t.scale)
         y = layer._conv_forward(x, weight, layer.bias)
         ones = (1,) * self.dims
-        for a in adapters:
-            f = a.factors["weight"]
-            fa, fb = f.pair()
-            r = fa.shape[0]
-            a_kernel = fa.view(r, *weight.shape[1:])
+        for t in terms:
+            r = t.a.shape[0]
+            a_kernel = t.a.view(r, *weight.shape[1:])
             if g > 1:
                 a_kernel = a_kernel.repeat(g, *(1,) * (a_kernel.dim() - 1))
-            z = layer._conv_forward(a.dropout(x), a_kernel, None) * f.scale
-            y = y + _CONV_FN[self.dims](z, fb.reshape(fb.shape[0], r, *ones), groups=g)
+            z = layer._conv_forward(t.dropout(x), a_kernel, None) * t.scale
+            y = y + _CONV_FN[self.dims](z, t.b.reshape(t.b.shape[0], r, *ones), groups=g)
         return y
 
 
@@ -115,13 +111,11 @@ class EmbeddingRule(Rule):
     def supports_activation(self, layer: nn.Module) -> bool:
         return layer.max_norm is None and super().supports_activation(layer)
 
-    def forward(self, layer, weight, adapters, x):  # type: ignore[override]
+    def forward(self, layer, weight, terms, x):  # type: ignore[override]
         y = F.embedding(x, weight, layer.padding_idx, layer.max_norm, layer.norm_type, layer.scale_grad_by_freq, layer.sparse)
-        for a in adapters:
-            f = a.factors["weight"]
-            fa, fb = f.pair()
-            rows = F.embedding(x, fb, layer.padding_idx, None, 2.0, layer.scale_grad_by_freq, False)
-            y = y + rows @ (fa * f.scale)
+        for t in terms:
+            rows = F.embedding(x, t.b, layer.padding_idx, None, 2.0, layer.scale_grad_by_freq, False)
+            y = y + rows @ (t.a * t.scale)
         return y
 
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 from torch import nn
-from torch.nn import functional as F
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 from torch.nn.utils.weight_norm import WeightNorm
 from torch_geometric.nn.conv import MessagePassing
 from torch_geometric.nn.dense.linear import Linear
 
-from lora_anywhere import Rule, Target
+from lora_anywhere import LinearRule, Rule, Target
 
 #: Modules a conv rule leaves to their own rules: nested convs (their rule claims
 #: what is inside them), and layers whose core rule sees their weights differently
@@ -27,24 +26,13 @@ from lora_anywhere import Rule, Target
 _OWN_RULE = (MessagePassing, nn.MultiheadAttention, nn.RNNBase)
 
 
-class PygLinearRule(Rule):
-    """torch_geometric's ``Linear``: y = x Wᵀ + b, like ``nn.Linear``, so the same
-    activation path ``+ s · (x Aᵀ) Bᵀ`` is exact. A lazy one (``in_channels=-1``)
-    has no weight until its first forward; the core then refuses it."""
+class PygLinearRule(LinearRule):
+    """torch_geometric's ``Linear``: y = x Wᵀ + b, like ``nn.Linear``, so the core's
+    (fused) activation path is exact for it too. A lazy one (``in_channels=-1``) has
+    no weight until its first forward; the core then refuses it."""
 
     name = "torch_geometric.nn.Linear"
     activation_base = Linear
-
-    def targets(self, layer: nn.Module) -> Sequence[Target]:
-        return (Target("weight", "weight"),)
-
-    def forward(self, layer, weight, adapters, x):  # type: ignore[override]
-        y = F.linear(x, weight, layer.bias)
-        for a in adapters:
-            f = a.factors["weight"]
-            fa, fb = f.pair()
-            y = y + F.linear(F.linear(a.dropout(x), fa) * f.scale, fb)
-        return y
 
 
 class HeteroLinearRule(Rule):

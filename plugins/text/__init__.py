@@ -47,14 +47,12 @@ class Conv1DRule(Rule):
     def targets(self, layer: nn.Module) -> Sequence[Target]:
         return WEIGHT
 
-    def forward(self, layer, weight, adapters, x):  # type: ignore[override]
+    def forward(self, layer, weight, terms, x):  # type: ignore[override]
         size_out = x.size()[:-1] + (layer.nf,)
         x2d = x.view(-1, x.size(-1))
         y = torch.addmm(layer.bias, x2d, weight)
-        for a in adapters:
-            f = a.factors["weight"]
-            fa, fb = f.pair()
-            y = y + (a.dropout(x2d) @ fb) @ (fa * f.scale)
+        for t in terms:
+            y = y + (t.dropout(x2d) @ t.b) @ (t.a * t.scale)
         return y.view(size_out)
 
 

@@ -47,23 +47,44 @@ def _classify(out: object) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, -2), torch.zeros(logits.flatten(0, -2).shape[0], dtype=torch.long))
 
 
+def _graph(nodes: int, edges: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(nodes, 128, generator=g), torch.randint(0, nodes, (2, edges), generator=g)
+
+
 def cases(quick: bool) -> list[Case]:
     import timm
+    import torchaudio
     import torchvision
+    from torch_geometric.nn.models import GAT, GCN
 
     px = 96 if quick else 160
+    vit_px = 112 if quick else 224
+    seconds = 0.5 if quick else 1.0
+    nodes, edges = (5_000, 50_000) if quick else (20_000, 200_000)
     return [
         Case("resnet50", lambda: torchvision.models.resnet50(num_classes=10), lambda: (torch.randn(8, 3, px, px),), _classify, f"{px} px, batch 8"),
         Case("mobilenet_v3_large", lambda: torchvision.models.mobilenet_v3_large(num_classes=10), lambda: (torch.randn(8, 3, px, px),), _classify, f"{px} px, batch 8"),
-        Case(
-            "vit_small",
-            lambda: timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10, img_size=112 if quick else 224),
-            lambda: (torch.randn(8, 3, 112 if quick else 224, 112 if quick else 224),),
-            _classify,
-            f"{112 if quick else 224} px, batch 8",
-        ),
+        Case("vit_small", lambda: timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10, img_size=vit_px), lambda: (torch.randn(8, 3, vit_px, vit_px),), _classify, f"{vit_px} px, batch 8"),
+        Case("swin_tiny", lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, img_size=vit_px), lambda: (torch.randn(4, 3, vit_px, vit_px),), _classify, f"{vit_px} px, batch 4"),
+        Case("wav2vec2_base", lambda: torchaudio.models.wav2vec2_base(aux_num_out=10), lambda: (torch.randn(2, int(16000 * seconds)),), _classify, f"{seconds:g} s audio, batch 2"),
+        Case("conformer", lambda: ConformerClassifier(), lambda: (torch.randn(4, 200, 80), torch.full((4,), 200)), _classify, "4 × 200 frames"),
+        Case("gcn", lambda: GCN(128, 256, num_layers=3, out_channels=10), lambda: _graph(nodes, edges), _classify, f"{nodes // 1000}k nodes, {edges // 1000}k edges"),
+        Case("gat", lambda: GAT(128, 64, num_layers=3, out_channels=10, heads=4), lambda: _graph(nodes, edges), _classify, f"{nodes // 1000}k nodes, {edges // 1000}k edges"),
         Case("lstm_tagger", lambda: LSTMTagger(), lambda: (torch.randint(0, 5000, (16, 64)),), _classify, "2-layer BiLSTM 256, 16×64 tokens"),
     ]
+
+
+class ConformerClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        import torchaudio
+
+        self.encoder = torchaudio.models.Conformer(input_dim=80, num_heads=4, ffn_dim=256, num_layers=4, depthwise_conv_kernel_size=31)
+        self.head = nn.Linear(80, 10)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x, lengths)[0].mean(1))
 
 
 class LSTMTagger(nn.Module):
@@ -153,6 +174,38 @@ def run_case(case: Case, rank: int, repeats: int, with_peft: bool) -> dict:
     return {"case": case.name, "note": case.note, "rank": rank, "repeats": repeats, "contenders": rows}
 
 
+@torch.no_grad()
+def inference(case: Case, rank: int, repeats: int) -> dict:
+    """Eval-mode forward of the base model, the adapted model unmerged, and merged,
+    interleaved; and the time `apply` takes on a fresh copy (median of 3)."""
+    torch.manual_seed(0)
+    base = case.build().eval()
+    applies = []
+    for _ in range(3):
+        fresh = copy.deepcopy(base)
+        start = time.perf_counter()
+        la.apply(fresh, rank=rank)
+        applies.append(time.perf_counter() - start)
+    unmerged = copy.deepcopy(fresh).eval()
+    merged = la.merge(copy.deepcopy(fresh)).eval()
+    inputs = case.inputs()
+    models = {"base": base, "unmerged": unmerged, "merged": merged}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for round_ in range(repeats + 1):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(*inputs)
+            if round_:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+    base_s = statistics.median(times["base"])
+    return {
+        "apply_ms": 1000 * statistics.median(applies),
+        **{f"{k}_ms": 1000 * statistics.median(v) for k, v in times.items()},
+        "unmerged_ratio": statistics.median(times["unmerged"]) / base_s,
+        "merged_ratio": statistics.median(times["merged"]) / base_s,
+    }
+
+
 def markdown(results: list[dict]) -> str:
     names = list(results[0]["contenders"])
     lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -165,10 +218,18 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def inference_markdown(results: list[dict]) -> str:
+    lines = ["| model | base forward | unmerged | merged | apply |", "|---|---|---|---|---|"]
+    for r in results:
+        i = r["inference"]
+        lines.append(f"| {r['case']} | {i['base_ms']:.0f} ms | {i['unmerged_ratio']:.2f}× | {i['merged_ratio']:.2f}× | {i['apply_ms']:.0f} ms |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller inputs and fewer repeats (a few minutes)")
-    parser.add_argument("--models", default=None, help="comma-separated subset of: resnet50, mobilenet_v3_large, vit_small, lstm_tagger")
+    parser.add_argument("--models", default=None, help="comma-separated subset of: resnet50, mobilenet_v3_large, vit_small, swin_tiny, wav2vec2_base, conformer, gcn, gat, lstm_tagger")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--no-peft", action="store_true")
@@ -180,6 +241,7 @@ def main() -> None:
     for case in selected:
         print(f"== {case.name} ({case.note})", flush=True)
         result = run_case(case, args.rank, repeats, with_peft=not args.no_peft)
+        result["inference"] = inference(case, args.rank, repeats)
         for name, row in result["contenders"].items():
             print(f"   {name:<28} " + (f"refuses: {row['error']}" if "error" in row else f"{row['ratio_to_floor']:.2f}× floor ({1000 * row['median_s']:.0f} ms)"), flush=True)
         results.append(result)
@@ -187,8 +249,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "train_step_quick" if args.quick else "train_step"
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    (args.out / f"{stem}.md").write_text(f"Train step, median of {repeats} interleaved steps, relative to the BitFit floor. {meta}\n\n" + markdown(results) + "\n")
-    print(markdown(results))
+    text = (
+        f"Train step, median of {repeats} interleaved steps, relative to the BitFit floor. {meta}\n\n"
+        + markdown(results)
+        + "\n\nInference (eval, no grad), relative to the base model, and the time of `apply`:\n\n"
+        + inference_markdown(results)
+        + "\n"
+    )
+    (args.out / f"{stem}.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

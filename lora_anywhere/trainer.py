@@ -66,6 +66,8 @@ class Trainer:
     drives early stopping after ``patience`` epochs without improvement. With
     ``out_dir``: ``metrics.csv`` (or ``.jsonl``), ``curves.png``, ``best/`` (the best
     adapter) and ``last/`` (the adapter plus the state `resume=True` continues from).
+    ``regularizer`` (a penalty ``f(model) -> tensor``, see `lora_anywhere.regularize`)
+    with ``weight`` λ trains on task loss + λ·penalty.
     """
 
     def __init__(
@@ -95,6 +97,8 @@ class Trainer:
         num_workers: int = 0,
         adapter: str | None = None,
         find_unused_parameters: bool | None = None,
+        regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
+        weight: float = 0.0,
     ) -> None:
         _check(isinstance(epochs, int) and epochs >= 1, f"epochs must be a positive integer, got {epochs!r}")
         _check(isinstance(grad_accum, int) and grad_accum >= 1, f"grad_accum must be a positive integer, got {grad_accum!r}")
@@ -129,6 +133,9 @@ class Trainer:
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.rank == 0
         self.monitor, self.patience, self.resume = monitor, patience, resume
         self.find_unused_parameters = find_unused_parameters
+        _check(regularizer is None or callable(regularizer), "regularizer must be a function penalty(model) -> tensor, e.g. lora_anywhere.regularize.delta_frobenius")
+        _check(weight >= 0, f"weight (λ of the regularizer) must be ≥ 0, got {weight!r}")
+        self.regularizer, self.weight = regularizer, float(weight)
 
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         per_epoch = _length(self.task.batches(train_data, train=True, spec=self._spec(0)))
@@ -219,10 +226,13 @@ class Trainer:
                 with sync:
                     with self._autocast():
                         result = self.task.step(net, _to_device(batch, self.device), train=True)
-                    bad, stop = self._flags(result.loss)
+                    objective = result.loss
+                    if self.regularizer is not None:  # the task loss + λ·penalty; metrics keep the task loss
+                        objective = objective + self.weight * self.regularizer(self.model)
+                    bad, stop = self._flags(objective)
                     if bad:
-                        raise NonFiniteLossError(self._diverged_message(result.loss, epoch, i))
-                    (result.loss / group).backward()
+                        raise NonFiniteLossError(self._diverged_message(objective, epoch, i))
+                    (objective / group).backward()
                 totals.add(result)
                 if bar is not None:
                     bar.update(1)

@@ -68,3 +68,19 @@ def test_factor_distance_and_errors():
         delta_distance({"2/weight": torch.zeros(3, 3)})(model)
     with pytest.raises(la.LoraError, match="no live adapter"):
         delta_frobenius(nn.Linear(2, 2))
+
+
+def test_trainer_takes_a_regularizer():
+    """A strong Frobenius penalty keeps ΔW much smaller than training without it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 8, generator=g)
+    data = torch.utils.data.TensorDataset(x, (x[:, 0] > 0).long())
+    norms = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = la.apply(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)), rank=2)
+        la.Trainer(model, data, task="image-classification", epochs=3, lr=0.05, batch_size=16, progress=False, regularizer=delta_frobenius, weight=weight).fit()
+        norms[weight] = delta_frobenius(model).item()
+    assert norms[1.0] < 0.5 * norms[0.0]
+    with pytest.raises(la.LoraError, match="regularizer must be a function"):
+        la.Trainer(model, data, task="image-classification", regularizer="l2")

@@ -113,7 +113,7 @@ ZOO = {
         tv("regnet_y_400mf", dtype=torch.float64),
         tv("densenet121"),
         tv("swin_t"),
-        tv("swin_v2_t", slow=True),
+        tv("swin_v2_t"),
         tv("vit_b_16", slow=True, image_size=32),
         Case("torchvision:MaxVit(small)", tv_maxvit_small, 32),
         tv("maxvit_t", size=224, slow=True),
@@ -121,13 +121,13 @@ ZOO = {
         tm("deit_tiny_distilled_patch16_224", img_size=32),
         tm("swin_tiny_patch4_window7_224", img_size=32, window_size=4),
         tm("swinv2_tiny_window8_256", img_size=32, window_size=4),
-        tm("swinv2_cr_tiny_ns_224", slow=True, img_size=32, window_size=4),
+        tm("swinv2_cr_tiny_ns_224", img_size=32, window_size=4),
         tm("eva02_tiny_patch14_224", size=28),
         tm("beit_base_patch16_224", slow=True, img_size=32),
         tm("vit_relpos_small_patch16_224", img_size=32),
         tm("maxvit_tiny_tf_224", size=64, slow=True),
-        tm("maxvit_rmlp_pico_rw_256", size=64, slow=True),
-        tm("coatnet_pico_rw_224", size=64, slow=True),
+        tm("maxvit_rmlp_pico_rw_256", size=64),
+        tm("coatnet_pico_rw_224", size=64),
         tm("mobilevit_xxs", size=64),
         tm("mobilevitv2_050", size=64),
         tm("convmixer_768_32"),
@@ -511,3 +511,16 @@ def test_model_sources_build_random_models_without_downloads(monkeypatch: pytest
         build_model("timm:no_such_net")
     with pytest.raises(la.LoraError, match="torchvision has no model 'no_such_net'"):
         build_model("torchvision:no_such_net")
+
+
+def test_docs_snippet_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The example in docs/plugins/vision.md runs and prints what the page shows."""
+    from pathlib import Path
+
+    page = (Path(__file__).parent.parent / "docs" / "plugins" / "vision.md").read_text()
+    code, shown = page.split("```python\n", 1)[1].split("\n```\n", 1)
+    expected = shown.split("```\n", 1)[1].split("```", 1)[0].splitlines()
+    exec(compile(code, "vision.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == expected[0] and printed[2] == expected[2]
+    assert float(printed[1].split(":")[1]) < 1e-4

@@ -275,6 +275,9 @@ def test_part_syntax_selects_targets_per_block() -> None:
     la.apply(model, targets=["Attention:q", "*.mlp.*"])
     assert adapted(model)["blocks.3.attn"] == {"q"} and "blocks.3.attn.qkv" not in adapted(model)
     la.remove(model)
+    la.apply(model, exclude="attention")  # everything but q and v
+    assert adapted(model)["blocks.3.attn"] == {"k", "proj"} and adapted(model)["blocks.3.mlp.fc1"] == {"weight"}
+    la.remove(model)
     with pytest.raises(la.TargetError, match="its targets are q, k, v, proj"):
         la.apply(model, targets="Attention:query")
     check_exact(case.factory, case.inputs(), targets=["blocks.0.attn:k", "blocks.11.attn:v,proj"])

@@ -20,10 +20,13 @@ _conv_backward = torch.ops.aten.convolution_backward.default
 class FusedLinearLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-        out = weight.shape[0]
-        yz = F.linear(x, torch.cat([weight, a]))
-        z = yz[..., out:].contiguous()
-        y = torch.addmm(yz[..., :out].reshape(-1, out), z.reshape(-1, z.shape[-1]), b.t(), alpha=scale).view(*x.shape[:-1], out)
+        out, r = weight.shape[0], a.shape[0]
+        yz = F.linear(x, torch.cat([weight, a])).reshape(-1, out + r)
+        z = yz[:, out:].contiguous()
+        # Written through a view into a fresh tensor, so the output is not itself a
+        # view: an in-place op after the layer (Hardswish(inplace=True)) must work.
+        y = x.new_empty(*x.shape[:-1], out)
+        torch.addmm(yz[:, :out], z, b.t(), alpha=scale, out=y.view(-1, out))
         if bias is not None:
             y += bias
         # x is kept only for weight gradients: with A frozen (LoRA-FA) it is not.

@@ -349,3 +349,17 @@ def test_two_adapters_on_one_layer_unfused_path_is_exact(factory, x):
 @pytest.mark.parametrize("cell", [nn.RNNCell, nn.LSTMCell, nn.GRUCell])
 def test_recurrent_cells(cell):
     check_exact(lambda: cell(5, 7), (torch.randn(3, 5),), rank=2)
+
+
+@pytest.mark.parametrize(
+    ("layer", "x"),
+    [(lambda: nn.Linear(6, 5), torch.randn(2, 3, 6)), (lambda: nn.Linear(6, 5), torch.randn(4, 6)), (lambda: nn.Conv2d(3, 5, 3), torch.randn(2, 3, 6, 6))],
+)
+def test_inplace_op_after_an_adapted_layer(layer, x):
+    """MobileNetV3's Hardswish(inplace=True) writes into the adapted layer's output."""
+    model = la.apply(nn.Sequential(layer(), nn.Hardswish(inplace=True)), rank=2, path="activation")
+    randomize_adapters(model)
+    model(x).sum().backward()
+    reference = la.apply(nn.Sequential(layer(), nn.Hardswish()), rank=2, path="weight")
+    reference.load_state_dict(model.state_dict())
+    torch.testing.assert_close(reference(x), model(x))

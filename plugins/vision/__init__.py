@@ -38,7 +38,7 @@ if not FRAMEWORKS:
     # The core lists a plugin that raises ModuleNotFoundError as inactive.
     raise ModuleNotFoundError("lora_anywhere_vision needs timm or torchvision", name="timm or torchvision")
 
-RULES: dict[type, Rule] = {**attention_rules(set(FRAMEWORKS))}
+RULES: dict[type, Rule] = attention_rules(set(FRAMEWORKS))
 
 QV = frozenset({"q", "v"})
 QKV_PROJ = frozenset({"q", "k", "v", "proj"})

@@ -11,6 +11,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from lora_anywhere import Rule
+
 from .attention import FusedAttentionRule, one_query_row, thirds_unless_head_first
 
 SEPARATE = ("q_proj", "k_proj", "v_proj")
@@ -45,9 +47,9 @@ ENTRIES: tuple[Entry, ...] = (
 )
 
 
-def attention_rules(frameworks: set[str]) -> dict[type, FusedAttentionRule]:
+def attention_rules(frameworks: set[str]) -> dict[type, Rule]:
     """A rule per attention class of the given (importable) frameworks."""
-    rules: dict[type, FusedAttentionRule] = {}
+    rules: dict[type, Rule] = {}
     for entry in ENTRIES:
         if entry.framework not in frameworks:
             continue

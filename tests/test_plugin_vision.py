@@ -410,11 +410,16 @@ def test_attention_modules_alone(factory: Callable[[], nn.Module], x: torch.Tens
     assert adapted(model)["attn"] == targets
 
 
-def test_rule_refuses_a_module_it_does_not_fit() -> None:
+def test_a_block_that_does_not_fit_offers_nothing() -> None:
+    """A block the layout does not fit (qkv rows not 3 equal blocks, no proj) gets no
+    targets, so the core adapts its Linears whole with their own rule."""
     from lora_anywhere_vision.attention import FusedAttentionRule
 
-    with pytest.raises(ValueError, match="neither a splittable 'qkv' nor a 'proj'"):
-        FusedAttentionRule(nn.Identity).targets(nn.Identity())
+    odd = nn.Module()
+    odd.qkv = nn.Linear(4, 5)
+    assert FusedAttentionRule(nn.Module).targets(odd) == ()
+    odd.proj = nn.Linear(5, 4)
+    assert [t.name for t in FusedAttentionRule(nn.Module).targets(odd)] == ["proj"]
 
 
 # ----------------------------------------------------------------------------- mlp

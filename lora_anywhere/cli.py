@@ -1,13 +1,32 @@
-"""The `lora-anywhere` command line."""
+"""The `lora-anywhere` command line.
+
+Every command has ``--help``. A failure the user can fix (a bad spec, a missing
+file, a config error) prints one ``lora-anywhere COMMAND: error: …`` line that says
+what was wrong and what to do, and exits with 1; usage errors exit with 2 (argparse).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from . import __version__
 from .errors import LoraError
+
+if TYPE_CHECKING:
+    from .train_config import ModelSpec
+
+MODEL_HELP = (
+    "model spec: torchvision:resnet50, timm:vit_small_patch16_224, torchaudio:wav2vec2_base, "
+    "pyg:GCN, hf:BertModel, or package.module:callable (random weights; nothing is downloaded)"
+)
+DEMO_DOMAINS = ("vision", "graph", "speech", "text", "all")
+
+
+def _selectors(text: str | None) -> list[str] | None:
+    return [s for s in text.split(";") if s] if text else None
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -21,44 +40,133 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_spec(args: argparse.Namespace) -> ModelSpec:
+    from .train_config import ModelSpec, parse_model_args
+
+    weights = Path(args.weights) if getattr(args, "weights", None) else None
+    return ModelSpec(args.model, parse_model_args(args.model_arg or []), weights, [], args.seed)
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .api import apply
-    from .models import build_model
+    from .io import load_adapter
     from .summary import summary
 
-    model = build_model(args.model)
-    targets = args.targets.split(";") if args.targets else None
-    apply(model, rank=args.rank, targets=targets)
-    print(summary(model))
+    model = _model_spec(args).build()
+    if args.adapter:
+        if args.rank is not None or args.targets or args.exclude or args.trainable:
+            raise LoraError("--adapter shows a saved adapter as it is; leave out --rank, --targets, --exclude and --trainable")
+        load_adapter(model, args.adapter)
+    else:
+        apply(model, rank=args.rank, targets=_selectors(args.targets), exclude=_selectors(args.exclude), trainable=_selectors(args.trainable))
+    if args.format == "mermaid":
+        from .mermaid import mermaid
+
+        print(mermaid(model, depth=args.depth or None, direction=args.direction))
+    else:
+        print(summary(model))
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(steps=args.steps, out_dir=args.out)
+    run_demo(args.domains or ["all"], args.out, fast=args.fast, device=args.device, threads=args.threads or None)
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train_config import load_config, merge_command, run_training
+
+    config = load_config(args.config)
+    result = run_training(config, out_dir=args.out, epochs=args.epochs, device=args.device)
+    print(f"adapter: {result.adapter}")
+    print(f"metrics: {result.out_dir / 'metrics.csv'}; curves: {result.out_dir / 'curves.png'}; best epoch's adapter: {result.out_dir / 'best'}")
+    print(f"to merge it into plain weights: {merge_command(result, config.model)}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .train_config import merge_to_file
+
+    info = merge_to_file(_model_spec(args), args.adapter, args.out)
+    print(f"wrote {args.out}: {info['tensors']} tensors, {info['parameters']:,} values, {info['bytes'] / 1024:.1f} KiB")
+    print(f"load it into the plain model with model.load_state_dict(safetensors.torch.load_file({str(args.out)!r}))")
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, weights: bool) -> None:
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="keyword argument for the model builder, repeatable (VALUE is read as JSON if it parses: 10, 0.5, true, [1,2])")
+    p.add_argument("--seed", type=int, default=0, help="torch seed the model is built under: the same random base every time (default 0, as in `train`)")
+    if weights:
+        p.add_argument("--weights", metavar="FILE", help="pretrained base weights (.safetensors or a torch state_dict) the adapter was trained on")
+
+
+def _count(text: str) -> int:
+    """An integer ≥ 0 (argparse reports anything else as a usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora-anywhere", description="Exact, fast LoRA adapters for any PyTorch model.")
+    parser = argparse.ArgumentParser(
+        prog="lora-anywhere",
+        description="Exact LoRA adapters for any PyTorch model.",
+        epilog="Start with `lora-anywhere demo`; `lora-anywhere COMMAND --help` describes each command.",
+    )
     parser.add_argument("--version", action="version", version=f"lora_anywhere {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the main job: LoRA vs head-only vs full fine-tuning in four domains, on generated data",
+                       description="Pretrain a small model on task A and adapt it to task B with LoRA, head-only tuning and full fine-tuning, "
+                       "for each domain; print one table, save the LoRA adapter, check it merges and reloads exactly, and plot the curves.")  # fmt: skip
+    p.add_argument("domains", nargs="*", metavar="DOMAIN", help=f"one or more of {', '.join(DEMO_DOMAINS)} (default: all)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--fast", action="store_true", help="less data and fewer epochs: a smoke test, not the numbers the README reports")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is a GPU), cpu or cuda")
+    p.add_argument("--threads", type=_count, default=1, help="torch CPU threads (default 1: the models are tiny; 0 keeps torch's default)")
+    p.set_defaults(run=_cmd_demo)
+
+    p = sub.add_parser("inspect", aliases=["summary"], help="show which layers of a model get adapters (a table, or a Mermaid diagram)",
+                       description="Build a model from its spec, apply adapters (or load a saved one) and print the result.")  # fmt: skip
+    p.add_argument("model", help=MODEL_HELP)
+    _add_model_args(p, weights=False)
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8, clamped per layer)")
+    p.add_argument("--targets", default=None, help="selectors separated by ';', e.g. 'Conv2d;*.qkv:q,v' (default: every layer a rule covers)")
+    p.add_argument("--exclude", default=None, help="selectors of layers to leave alone, separated by ';'")
+    p.add_argument("--trainable", default=None, help="modules to train fully, separated by ';' (e.g. 'fc')")
+    p.add_argument("--adapter", metavar="PATH", default=None, help="show a saved adapter folder loaded onto the model instead")
+    p.add_argument("--format", choices=("table", "mermaid"), default="table", help="table (default) or mermaid: a flowchart of the module tree, adapted layers marked")
+    p.add_argument("--depth", type=_count, default=3, help="mermaid: levels of the module tree to draw; deeper ones are folded (0: all; default 3)")
+    p.add_argument("--direction", choices=("LR", "TD"), default="LR", help="mermaid: left to right (default) or top down")
+    p.set_defaults(run=_cmd_inspect)
+
+    p = sub.add_parser("train", help="train an adapter as a TOML config says: model, data, LoRA and trainer options",
+                       description="Train a LoRA adapter from a config file (see examples/configs/). Writes the adapter, metrics.csv, "
+                       "curves.png, best/ and last/ checkpoints, labels and run.json to the output folder.")  # fmt: skip
+    p.add_argument("config", metavar="CONFIG.toml", help="the config file; paths in [model] and [data] are relative to its folder")
+    p.add_argument("--out", default=None, help="output folder (default: [train] out_dir, else runs/train)")
+    p.add_argument("--epochs", type=int, default=None, help="override [train] epochs")
+    p.add_argument("--device", default=None, help="override [train] device (auto, cpu, cuda)")
+    p.set_defaults(run=_cmd_train)
+
+    p = sub.add_parser("merge", help="merge a saved adapter into the base weights and write them as safetensors",
+                       description="Build the base model, load the adapter, merge it in, and write the plain model's state_dict "
+                       "(loadable with model.load_state_dict) as safetensors.")  # fmt: skip
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    _add_model_args(p, weights=True)
+    p.add_argument("--adapter", required=True, metavar="PATH", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", required=True, metavar="FILE", help="where to write the merged weights (*.safetensors)")
+    p.set_defaults(run=_cmd_merge)
 
     p = sub.add_parser("plugins", help="list plugins, their status and the layer types they cover")
     p.add_argument("-v", "--verbose", action="store_true", help="also list every layer type")
     p.set_defaults(run=_cmd_plugins)
-
-    p = sub.add_parser("inspect", help="show which layers of a model get adapters, by which rule")
-    p.add_argument("model", help="model spec: torchvision:resnet50, timm:vit_small_patch16_224, torchaudio:wav2vec2_base, pyg:GAT, or package.module:callable")
-    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8, clamped per layer)")
-    p.add_argument("--targets", default=None, help="selectors separated by ';', e.g. 'Conv2d;*.qkv:q,v' (default: every layer a rule covers)")
-    p.set_defaults(run=_cmd_inspect)
-
-    p = sub.add_parser("demo", help="the main job: adapt, train, merge, save and reload on generated data")
-    p.add_argument("--steps", type=int, default=150, help="training steps per phase")
-    p.add_argument("--out", default="runs/demo", help="folder for the saved adapter")
-    p.set_defaults(run=_cmd_demo)
     return parser
 
 

@@ -5,7 +5,7 @@ preset a plugin registered ("attention"); a class name in the layer's MRO ("Conv
 or "torch.nn.modules.conv.Conv2d"); a glob on the module name ("layer4.*"); a regex
 that matches the whole name ("blocks\\.[0-3]\\..*"). A string may end in ``:a,b`` to
 adapt only those targets of the matched layers ("MultiheadAttention:q,v",
-"*.qkv:q,v"). A predicate ``f(name, module)`` returns True, False, or the target
+"*.attn:q,v"). A predicate ``f(name, module)`` returns True, False, or the target
 names to adapt.
 """
 

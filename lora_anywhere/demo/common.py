@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import api, attach, io
 from ..errors import LoraError
+from ..named import disabled
 from ..trainer import Trainer
 
 #: How the three ways of adapting to task B are named in the table.
@@ -189,9 +190,15 @@ def run_domain(domain: Domain, out: Path, *, fast: bool, device: str, say: Calla
 def check_exact(model: nn.Module, fresh: Callable[[], nn.Module], domain: Domain, data: Data, folder: Path) -> tuple[float, float, float, Path]:
     """Merged vs unmerged outputs, and a saved adapter reloaded onto a fresh base vs
     the trained model, on CPU in float32 where they must agree to rounding. Returns
-    both max differences, the largest output (the scale of rounding) and the folder."""
+    both max differences, the largest output (the scale of rounding) and the folder.
+
+    The adapter must also change the outputs (with it switched off, the model is the
+    base with the new head): agreement between outputs an all-zero update never
+    touched would prove nothing."""
     model = model.cpu().eval()
     unmerged = domain.outputs(model, data)
+    with disabled(model):
+        without = domain.outputs(model, data)
     api.merge(model)
     merged = domain.outputs(model, data)
     api.unmerge(model)
@@ -200,6 +207,9 @@ def check_exact(model: nn.Module, fresh: Callable[[], nn.Module], domain: Domain
     io.load_adapter(reloaded, saved)
     again = domain.outputs(reloaded.eval(), data)
     scale = max(1.0, unmerged.abs().max().item())
+    effect = (unmerged - without).abs().max().item()
+    if effect <= 100 * TOLERANCE * scale:
+        raise DemoError(f"demo {domain.name}: the trained LoRA adapter changes the outputs by only {effect:.1e}, so the exactness checks would prove nothing; train longer or with a higher lr")
     return (merged - unmerged).abs().max().item(), (again - unmerged).abs().max().item(), scale, saved
 
 

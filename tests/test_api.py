@@ -243,7 +243,7 @@ def test_summary_table():
 
 
 def test_dropout_trains_but_is_identity_in_eval():
-    model = la.apply(make(), dropout=0.5, targets="head")
+    model = la.apply(make(), dropout=0.5, targets="head", path="activation")
     randomize_adapters(model)
     assert torch.equal(model.eval()(X), model(X))
     model.train()

@@ -328,7 +328,9 @@ def test_transformer_conv_attention_projections(coverage_table) -> None:
 
 
 def test_linear_selector_keeps_conv_linears_on_the_activation_path() -> None:
-    model = la.apply(build_model("pyg:GCN"), targets="Linear")
+    # "auto" puts these small Linears on the weight path (measured cheaper); forced,
+    # each conv's inner Linear adds its adapter on its own activations.
+    model = la.apply(build_model("pyg:GCN"), targets="Linear", path="activation")
     rows = la.summary(model).rows
     assert {r.layer for r in rows} == {"convs.0.lin", "convs.1.lin"}
     assert {r.path for r in rows} == {"activation"}

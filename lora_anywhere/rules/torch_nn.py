@@ -30,6 +30,14 @@ class LinearRule(Rule):
     def targets(self, layer: nn.Module) -> Sequence[Target]:
         return WEIGHT
 
+    def prefers_activation(self, layer: nn.Module, rank: int) -> bool:
+        # The weight path's extra cost is one weight gradient, ∝ in·out per row; the
+        # activation path's is a few passes over rows of width in + out. Measured on
+        # CPU (bench/train_step.py): the activation path wins on ViT-S, Swin-T and
+        # wav2vec2 (in·out/(in+out) ≥ 288) and loses on GCN/GAT/Conformer layers (≤ 85).
+        out_features, in_features = layer.weight.shape
+        return in_features * out_features >= 128 * (in_features + out_features)
+
     def forward(self, layer, weight, terms, x):  # type: ignore[override]
         if len(terms) == 1 and not terms[0].dropout_active:
             t = terms[0]

@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=MODEL_HELP)
     _add_model_args(p, weights=False)
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8, clamped per layer)")
-    p.add_argument("--targets", default=None, help="selectors separated by ';', e.g. 'Conv2d;*.qkv:q,v' (default: every layer a rule covers)")
+    p.add_argument("--targets", default=None, help="selectors separated by ';', e.g. 'Conv2d;*.attn:q,v' (default: every layer a rule covers)")
     p.add_argument("--exclude", default=None, help="selectors of layers to leave alone, separated by ';'")
     p.add_argument("--trainable", default=None, help="modules to train fully, separated by ';' (e.g. 'fc')")
     p.add_argument("--adapter", metavar="PATH", default=None, help="show a saved adapter folder loaded onto the model instead")

@@ -73,9 +73,9 @@ def _check_options(rank: Any, alpha: Any, dropout: Any, path: str, name: Any) ->
         raise LoraError(f"adapter name must be a non-empty string without '.' or '/', got {name!r}")
 
 
-def resolve_targets(layer_name: str, layer: nn.Module, rule: Rule, wanted: frozenset) -> tuple[list[ResolvedTarget], bool]:
-    """Bind the rule's targets to tensors. Returns them and whether a weight
-    parametrization (weight_norm, spectral_norm) forces the weight path."""
+def resolve_targets(layer_name: str, layer: nn.Module, rule: Rule, wanted: frozenset) -> list[ResolvedTarget]:
+    """Bind the rule's targets to tensors. A parametrized weight (weight_norm,
+    spectral_norm) is bound to its original tensor, which no activation path reads."""
     targets = list(rule.targets(layer))
     names = [t.name for t in targets]
     if wanted is not ALL:
@@ -86,18 +86,17 @@ def resolve_targets(layer_name: str, layer: nn.Module, rule: Rule, wanted: froze
                 f"its targets are {', '.join(names)}"
             )
         targets = [t for t in targets if t.name in wanted]
-    resolved, parametrized = [], False
+    resolved = []
     for t in targets:
         owner = layer.get_submodule(t.owner) if t.owner else layer
         owner_path, tensor_name = t.owner, t.tensor
         if parametrize.is_parametrized(owner, t.tensor):
             owner_path, tensor_name = _parametrized_source(layer_name, owner, t)
             owner = layer.get_submodule(owner_path)
-            parametrized = True
         elif _hook_weight_norm(owner, t.tensor):
             # The old nn.utils.weight_norm recomputes `weight` from weight_g and
             # weight_v before every forward: adapt v, the tensor of the weight's shape.
-            tensor_name, parametrized = f"{t.tensor}_v", True
+            tensor_name = f"{t.tensor}_v"
         tensor = owner._parameters.get(tensor_name)
         if tensor is None:
             raise LoraError(f"rule {rule.name} names tensor {t.tensor!r} of {layer_name or '<root>'}, which has no such parameter")
@@ -109,7 +108,7 @@ def resolve_targets(layer_name: str, layer: nn.Module, rule: Rule, wanted: froze
         if tensor.dim() < 2:
             raise LoraError(f"rule {rule.name} names {t.tensor!r} of {layer_name or '<root>'}, a {tensor.dim()}-D tensor; only matrices (2-D or more) can take a low-rank update")
         resolved.append(ResolvedTarget(t.name, owner_path, tensor_name, t.rows, tuple(tensor.shape)))
-    return resolved, parametrized
+    return resolved
 
 
 def _hook_weight_norm(owner: nn.Module, tensor: str) -> bool:
@@ -179,7 +178,7 @@ def _plan(
                 wanted = frozenset((all_names if wanted is ALL else wanted) - dropped)
                 if not wanted:
                     continue
-        resolved, parametrized = resolve_targets(name, module, rule, wanted)
+        resolved = resolve_targets(name, module, rule, wanted)
         resolved = _first_holder_only(name, module, resolved, tensor_layer)
         if not resolved:
             continue

@@ -160,7 +160,7 @@ def _plans_from_config(model: nn.Module, config: AdapterConfig, tensors: dict[st
             problems.append(f"layer {layer_name!r}: saved with rule {record.rule}, the model's {type(layer).__name__} has {found}")
             continue
         try:
-            resolved, _ = resolve_targets(layer_name, layer, rule, frozenset(record.targets))
+            resolved = resolve_targets(layer_name, layer, rule, frozenset(record.targets))
         except Exception as exc:
             problems.append(f"layer {layer_name!r}: {exc}")
             continue

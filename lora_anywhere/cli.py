@@ -81,6 +81,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     result = run_training(config, out_dir=args.out, epochs=args.epochs, device=args.device)
     print(f"adapter: {result.adapter}")
+    if result.interrupted:
+        print(f"interrupted: {result.out_dir / 'last'} holds the state to continue from; add resume = true to [train] and run the same command again")
+        return 130
     print(f"metrics: {result.out_dir / 'metrics.csv'}; curves: {result.out_dir / 'curves.png'}; best epoch's adapter: {result.out_dir / 'best'}")
     print(f"to merge it into plain weights: {merge_command(result, config.model)}")
     return 0
@@ -178,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
-    except LoraError as exc:
+    except (LoraError, FloatingPointError) as exc:  # FloatingPointError: the trainer's NonFiniteLossError
         print(f"lora-anywhere {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -232,6 +232,7 @@ class TrainResult:
     history: list[dict[str, float]]
     data: LoadedData
     model_kwargs: dict[str, Any]
+    interrupted: bool = False  # Ctrl-C: the trainer saved last/, which resume = true continues
 
 
 def _check_outputs(model: nn.Module, data: LoadedData, task: Any, spec: ModelSpec) -> None:
@@ -305,7 +306,7 @@ def run_training(config: TrainConfig, *, out_dir: str | Path | None = None, epoc
         last = history[-1]
         shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("epoch", "lr", "seconds"))
         say(f"after {int(last['epoch'])} epochs: {shown}")
-    return TrainResult(out, adapter, history, data, kwargs)
+    return TrainResult(out, adapter, history, data, kwargs, trainer.interrupted)
 
 
 def merge_command(result: TrainResult, spec: ModelSpec) -> str:

@@ -311,3 +311,43 @@ def test_text_csv_columns_labels_and_tokenizers(tmp_path):
         assert ids[0] == 2 and ids[-1] == 3 and all(5 <= t <= 9 for t in ids[1:-1])  # [CLS] words [SEP]
     with pytest.raises(DataSpecError, match="either tokenizer"):
         load_data({"kind": "text-csv", "train": "t.csv", "text_column": "body", "label_column": "kind", "tokenizer": "tok", "vocab_size": 5}, tmp_path)
+
+
+def gcn_config(tmp_path: Path, graph_file: str) -> Path:
+    return write(tmp_path, f"""
+[model]
+spec = "pyg:GCN"
+kwargs = {{ in_channels = 3, out_channels = "{{classes}}" }}
+[data]
+kind = "pyg"
+train = "{graph_file}"
+[train]
+epochs = 2
+""")
+
+
+def test_a_nan_loss_stops_training_with_advice(tmp_path, capsys):
+    from torch_geometric.data import Data, InMemoryDataset
+
+    graph = Data(x=torch.full((6, 3), float("nan")), edge_index=torch.tensor([[0, 1], [1, 0]]), y=torch.arange(6) % 2)
+    InMemoryDataset.save([graph], str(tmp_path / "nan.pt"))
+    assert main(["train", str(gcn_config(tmp_path, "nan.pt")), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "error: the loss became nan" in err and "try a lower lr" in err
+
+
+def test_an_interrupted_run_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    import lora_anywhere.train_config as train_config
+
+    class Interrupted(train_config.Trainer):
+        def fit(self):
+            history = super().fit()
+            self.interrupted = True  # as after Ctrl-C: the trainer saved last/ and returned
+            return history
+
+    monkeypatch.setattr(train_config, "Trainer", Interrupted)
+    config = gcn_config(tmp_path, str(ROOT / "examples/data/graphs/social.pt")).read_text().replace("in_channels = 3", "in_channels = 8")
+    (tmp_path / "config.toml").write_text(config)
+    assert main(["train", str(tmp_path / "config.toml"), "--out", str(tmp_path / "out")]) == 130
+    out = capsys.readouterr().out
+    assert "add resume = true to [train]" in out and (tmp_path / "out" / "last" / "trainer_state.pt").is_file()

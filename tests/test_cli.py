@@ -127,3 +127,11 @@ def test_the_installed_command_sets_exit_codes():
     assert ok.returncode == 0 and "lora_anywhere" in ok.stdout
     assert failed.returncode == 1 and "error: model spec 'nonsense'" in failed.stderr
     assert usage.returncode == 2
+
+
+def test_plugins_lists_builtin_and_domain_plugins(capsys):
+    assert main(["plugins", "-v"]) == 0
+    out = capsys.readouterr().out
+    names = [line.split()[0] for line in out.splitlines() if not line.startswith(" ")]
+    assert {"graph", "vision", "speech", "text"} <= set(names)
+    assert "\n    torch.nn.modules.linear.Linear\n" in out  # -v lists the layer types under each plugin

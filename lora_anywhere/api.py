@@ -526,7 +526,10 @@ def remove(model: nn.Module, merge: bool = True, name: str | None = None) -> nn.
     weights; with ``merge=False`` the base weights are restored. Once no adapter is
     left, every layer has its original type, the state_dict exactly its original keys,
     and every parameter the requires_grad flag it had before `apply`."""
-    for _, layer, adapter in _selected(model, name):
+    state = model_state(model)
+    only_trainable = state is not None and (name is None or name in state.adapters)
+    selected = _selected(model, name) if not only_trainable or any(True for _ in adapted_layers(model)) else []
+    for _, layer, adapter in selected:
         if merge and adapter.live:
             _shift(layer, adapter, +1)
         elif not merge and adapter.merged:
@@ -536,7 +539,6 @@ def remove(model: nn.Module, merge: bool = True, name: str | None = None) -> nn.
             if value is adapter:
                 del container[key]
         attach.refresh(layer)
-    state = model_state(model)
     if state is not None:
         for key in [k for k in state.adapters if name is None or k == name]:
             del state.adapters[key]

@@ -249,3 +249,14 @@ def test_dropout_trains_but_is_identity_in_eval():
     model.train()
     outs = {tuple(model.head(torch.ones(1, 16)).detach().flatten().tolist()) for _ in range(5)}
     assert len(outs) > 1
+
+
+def test_remove_an_adapter_of_trainable_modules_only():
+    model = nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3))
+    la.apply(model, trainable="1")
+    la.remove(model)
+    assert model_state_is_gone(model) and model[1].weight.requires_grad
+
+
+def model_state_is_gone(model):
+    return la.adapter_names(model) == [] and "_lora_anywhere_state" not in model.__dict__

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .registry import Rule, Target
+from .registry import Rule
 
 ACTIVATION, WEIGHT = "activation", "weight"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -555,8 +555,3 @@ def adapter_names(model: nn.Module) -> list[str]:
     for _, _, adapters in adapted_layers(model):
         names.extend(n for n in adapters if n not in names)
     return names
-
-
-def iter_parameters(model: nn.Module, name: str | None = None) -> Iterable[nn.Parameter]:
-    for _, _, adapter in _selected(model, name):
-        yield from adapter.parameters()

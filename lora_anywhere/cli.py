@@ -79,13 +79,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train_config import load_config, merge_command, run_training
 
     config = load_config(args.config)
-    result = run_training(config, out_dir=args.out, epochs=args.epochs, device=args.device)
+    result = run_training(config, out_dir=args.out, epochs=args.epochs, device=args.device, rank=args.rank)
     print(f"adapter: {result.adapter}")
     if result.interrupted:
         print(f"interrupted: {result.out_dir / 'last'} holds the state to continue from; add resume = true to [train] and run the same command again")
         return 130
     print(f"metrics: {result.out_dir / 'metrics.csv'}; curves: {result.out_dir / 'curves.png'}; best epoch's adapter: {result.out_dir / 'best'}")
     print(f"to merge it into plain weights: {merge_command(result, config.model)}")
+    return 0
+
+
+def _cmd_select_rank(args: argparse.Namespace) -> int:
+    import json
+
+    from .atomic import atomic_file
+    from .train_config import load_config, run_rank_selection, train_command
+
+    config = load_config(args.config)
+    result = run_rank_selection(config, ranks=args.ranks, folds=args.folds, metric=args.metric, epochs=args.epochs, device=args.device)
+    print()
+    print(result.selection)
+    print(f"chosen rank: {result.selection.chosen} (the smallest rank within one standard error of the best mean {result.selection.metric})")
+    if args.json:
+        with atomic_file(args.json) as tmp:
+            tmp.write_text(json.dumps(result.as_dict(config), indent=2) + "\n")
+        print(f"table: {args.json}")
+    print(f"to train at that rank: {train_command(config, result.selection.chosen)}")
     return 0
 
 
@@ -114,6 +133,41 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
     return value
+
+
+def _positive(text: str) -> int:
+    """An integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive; give 1 or more")
+    return value
+
+
+def _folds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{value} fold{'s' if value != 1 else ''} cannot cross-validate; give 2 or more")
+    return value
+
+
+def _ranks(text: str) -> list[int]:
+    """``"1,2,4"`` → ``[1, 2, 4]``: positive integers, each once."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("no rank given; list candidate ranks separated by commas, e.g. 1,2,4,8")
+    try:
+        ranks = [_positive(t) for t in items]
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: every rank must be a positive whole number ({exc})") from None
+    if len(set(ranks)) != len(ranks):
+        raise argparse.ArgumentTypeError(f"{text!r} names a rank more than once")
+    return ranks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,7 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: [train] out_dir, else runs/train)")
     p.add_argument("--epochs", type=int, default=None, help="override [train] epochs")
     p.add_argument("--device", default=None, help="override [train] device (auto, cpu, cuda)")
+    p.add_argument("--rank", type=_positive, default=None, help="override [lora] rank (e.g. the one select-rank chose)")
     p.set_defaults(run=_cmd_train)
+
+    p = sub.add_parser("select-rank", help="choose the LoRA rank by k-fold cross-validation on a train config's data",
+                       description="Cross-validate candidate ranks with the trainer on the config's training and validation data together: "
+                       "train on k-1 folds, score the held-out fold, per rank. Prints mean ± std of the metric and the adapter parameters "
+                       "per rank, and the chosen rank: the smallest within one standard error of the best. Reads the optional "
+                       "[select_rank] table (ranks, folds, metric, seed); nothing is written but --json.")  # fmt: skip
+    p.add_argument("config", metavar="CONFIG.toml", help="a `train` config; [lora] options other than rank and [train] options (but out_dir) apply to every fold")
+    p.add_argument("--ranks", type=_ranks, default=None, help="candidate ranks, e.g. 1,2,4,8 (default: [select_rank] ranks, else 1,2,4,8,16)")
+    p.add_argument("--folds", type=_folds, default=None, help="number of folds, at least 2 (default: [select_rank] folds, else 5)")
+    p.add_argument("--metric", default=None, help="what to score on the held-out fold: val_accuracy (default), val_loss (minimised), …")
+    p.add_argument("--epochs", type=_positive, default=None, help="override [train] epochs for every fold")
+    p.add_argument("--device", default=None, help="override [train] device (auto, cpu, cuda)")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the table as JSON (atomically)")
+    p.set_defaults(run=_cmd_select_rank)
 
     p = sub.add_parser("merge", help="merge a saved adapter into the base weights and write them as safetensors",
                        description="Build the base model, load the adapter, merge it in, and write the plain model's state_dict "

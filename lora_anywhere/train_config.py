@@ -1,5 +1,6 @@
-"""`lora-anywhere train CONFIG.toml` and `lora-anywhere merge`: a model spec, a data
-spec, LoRA options and trainer options in one file → adapter, metrics and curves.
+"""`lora-anywhere train CONFIG.toml`, `lora-anywhere select-rank CONFIG.toml` and
+`lora-anywhere merge`: a model spec, a data spec, LoRA options and trainer options in
+one file → adapter, metrics and curves (or a rank chosen by cross-validation).
 
     [model]                      # paths in [model] and [data]: relative to this file
     spec = "torchvision:resnet18"
@@ -20,6 +21,12 @@ spec, LoRA options and trainer options in one file → adapter, metrics and curv
     epochs = 3
     out_dir = "runs/vision"      # relative to the current folder
 
+    [select_rank]                # optional: `lora-anywhere select-rank` reads it
+    ranks = [1, 2, 4, 8]
+    folds = 5
+    metric = "val_accuracy"      # or val_loss (minimised), train_accuracy, …
+    seed = 0                     # the folds and the trainer's seed
+
 The base model is built under ``torch.manual_seed(seed)``, so a base without
 ``weights`` is the same random model each time, and `merge` can rebuild it.
 """
@@ -35,12 +42,14 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.data import ConcatDataset
 
 from . import api, io
 from .atomic import atomic_file
 from .data_specs import LoadedData, load_data
 from .errors import LoraError
 from .models import build_model
+from .rank_selection import NodeFolds, RankSelection, check_ranks, select_rank
 from .tasks import Classification, LoaderSpec, get_task
 from .trainer import Trainer
 
@@ -50,8 +59,12 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 CLASSES = "{classes}"
-SECTIONS = ("model", "data", "lora", "train")
+SECTIONS = ("model", "data", "lora", "train", "select_rank")
 MODEL_KEYS = {"spec", "kwargs", "weights", "weights_ignore", "seed"}
+SELECT_RANK_KEYS = {"ranks", "folds", "metric", "seed"}
+#: `[train]` options that cross-validation leaves out: its folds write nothing to disk
+#: and take their seed from [select_rank] (or [train] seed).
+NOT_FOR_FOLDS = ("out_dir", "resume", "log_format", "progress", "seed", "task")
 #: `[lora]` and `[train]` take what `apply` and `Trainer` take, by keyword.
 LORA_KEYS = {n for n, p in inspect.signature(api.apply).parameters.items() if p.kind is p.KEYWORD_ONLY}
 TRAIN_KEYS = {n for n, p in inspect.signature(Trainer.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY}
@@ -162,6 +175,7 @@ class TrainConfig:
     data: dict[str, Any]
     lora: dict[str, Any]
     train: dict[str, Any]
+    select_rank: dict[str, Any] = field(default_factory=dict)
 
 
 def _table(raw: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
@@ -190,12 +204,14 @@ def load_config(path: str | Path) -> TrainConfig:
         raise ConfigError(f"{path} is not UTF-8 text ({exc})") from exc
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; a config has [model], [data], [lora] and [train]")
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}; a config has [model], [data], [lora] and [train] (and optionally [select_rank])")
     base = path.parent.resolve()
-    model, data, lora, train = (_table(raw, name, path) for name in SECTIONS)
+    model, data, lora, train, select = (_table(raw, name, path) for name in SECTIONS)
     _only(model, MODEL_KEYS, "model", path, "its options are")
     _only(lora, LORA_KEYS - {"name"}, "lora", path, "it takes the keyword arguments of lora_anywhere.apply")
     _only(train, TRAIN_KEYS, "train", path, "it takes the keyword arguments of lora_anywhere.Trainer")
+    _only(select, SELECT_RANK_KEYS, "select_rank", path, "its options are")
+    _check_select_rank(select, path)
     spec = model.get("spec")
     if not isinstance(spec, str):
         raise ConfigError(f"{path}: [model] needs spec = \"source:name\" (e.g. \"torchvision:resnet18\", \"pyg:GCN\", \"mypackage.models:build\")")
@@ -219,7 +235,23 @@ def load_config(path: str | Path) -> TrainConfig:
         data=data,
         lora=lora,
         train=train,
+        select_rank=select,
     )
+
+
+def _check_select_rank(select: dict[str, Any], path: Path) -> None:
+    def whole(value: Any, minimum: int) -> bool:
+        return not isinstance(value, bool) and isinstance(value, int) and value >= minimum
+
+    ranks = select.get("ranks", [1])
+    if not isinstance(ranks, list) or not ranks or not all(whole(r, 1) for r in ranks):
+        raise ConfigError(f"{path}: [select_rank] ranks must be a non-empty list of positive integers, e.g. ranks = [1, 2, 4, 8], got {ranks!r}")
+    if not whole(select.get("folds", 2), 2):
+        raise ConfigError(f"{path}: [select_rank] folds must be an integer of at least 2, got {select['folds']!r}")
+    if not isinstance(select.get("metric", ""), str):
+        raise ConfigError(f"{path}: [select_rank] metric must be a metric name such as \"val_accuracy\" or \"val_loss\", got {select['metric']!r}")
+    if not whole(select.get("seed", 0), 0):
+        raise ConfigError(f"{path}: [select_rank] seed must be an integer ≥ 0, got {select['seed']!r}")
 
 
 # ---------------------------------------------------------------------- train
@@ -260,9 +292,24 @@ def _check_outputs(model: nn.Module, data: LoadedData, task: Any, spec: ModelSpe
         )
 
 
-def run_training(config: TrainConfig, *, out_dir: str | Path | None = None, epochs: int | None = None, device: str | None = None, say: Callable[[str], None] = print) -> TrainResult:
-    """Build, adapt and train as the config says; write the adapter, metrics, curves,
-    the class names and the resolved config to the output folder."""
+def _check_device(config: TrainConfig, device: Any) -> None:
+    """A device the trainer can use (`auto`, `cpu`, `cuda`, `cuda:N`), before any work."""
+    if device is None or device == "auto":
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"{config.path}: device {device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from exc
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{config.path}: device {device!r} was asked for, but torch sees no CUDA device; use cpu or auto")
+
+
+def run_training(
+    config: TrainConfig, *, out_dir: str | Path | None = None, epochs: int | None = None, device: str | None = None, rank: int | None = None, say: Callable[[str], None] = print
+) -> TrainResult:
+    """Build, adapt and train as the config says (`rank` overrides [lora] rank); write
+    the adapter, metrics, curves, the class names and the resolved config to the output
+    folder."""
     train_options = dict(config.train)
     out = Path(out_dir if out_dir is not None else train_options.pop("out_dir", "runs/train"))
     train_options.pop("out_dir", None)
@@ -270,12 +317,13 @@ def run_training(config: TrainConfig, *, out_dir: str | Path | None = None, epoc
         train_options["epochs"] = epochs
     if device is not None:
         train_options["device"] = device
+    _check_device(config, train_options.get("device"))
     data = load_data(config.data, config.path.parent.resolve(), seed=int(train_options.get("seed", 0)))
     say(f"data: {data.description}")
     kwargs = config.model.resolved_kwargs(len(data.classes))
     model = config.model.build(len(data.classes))
     try:
-        api.apply(model, **config.lora)
+        api.apply(model, **{**config.lora, **({"rank": rank} if rank is not None else {})})
     except TypeError as exc:
         raise ConfigError(f"{config.path}: [lora] {exc}") from exc
     task_name = train_options.pop("task", data.task)
@@ -321,6 +369,90 @@ def merge_command(result: TrainResult, spec: ModelSpec) -> str:
     return " ".join(p for p in parts if p)
 
 
+# ---------------------------------------------------------------------- select-rank
+
+
+@dataclass
+class RankSelectionResult:
+    selection: RankSelection
+    folds: int
+    seed: int
+    samples: int
+    data: LoadedData
+
+    def as_dict(self, config: TrainConfig) -> dict[str, Any]:
+        return {"config": str(config.path), "model": config.model.spec, "folds": self.folds, "seed": self.seed, "samples": self.samples, **self.selection.as_dict()}
+
+
+def _fold_data(data: LoadedData) -> Any:
+    """Training and validation data together, as the samples cross-validation folds:
+    one indexable data set, or the labelled nodes of one graph."""
+    if data.train is data.val:  # node classification: one graph with both masks
+        return NodeFolds(data.train)
+    if isinstance(data.train, list) and isinstance(data.val, list):  # graphs
+        return data.train + data.val
+    return ConcatDataset([data.train, data.val])
+
+
+def run_rank_selection(
+    config: TrainConfig,
+    *,
+    ranks: list[int] | None = None,
+    folds: int | None = None,
+    metric: str | None = None,
+    epochs: int | None = None,
+    device: str | None = None,
+    say: Callable[[str], None] = print,
+) -> RankSelectionResult:
+    """k-fold cross-validation over candidate ranks on the config's training and
+    validation data together: [lora] options other than rank go to `apply`, [train]
+    options to the `Trainer` (but no output folder: the folds write nothing). The
+    arguments override [select_rank]."""
+    options = config.select_rank
+    ranks = list(ranks if ranks is not None else options.get("ranks", [1, 2, 4, 8, 16]))
+    folds = folds if folds is not None else options.get("folds", 5)
+    metric = metric if metric is not None else options.get("metric", "val_accuracy")
+    seed = options.get("seed", config.train.get("seed", 0))
+    trainer_options = {k: v for k, v in config.train.items() if k not in NOT_FOR_FOLDS}
+    if epochs is not None:
+        trainer_options["epochs"] = epochs
+    if device is not None:
+        trainer_options["device"] = device
+    _check_device(config, trainer_options.get("device"))
+    apply_options = {k: v for k, v in config.lora.items() if k != "rank"}
+    data = load_data(config.data, config.path.parent.resolve(), seed=int(seed))
+    samples = _fold_data(data)
+    say(f"data: {data.description}; {len(samples)} {'nodes' if isinstance(samples, NodeFolds) else 'samples'} to fold")
+    try:
+        task = get_task(config.train.get("task", data.task))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{config.path}: [train] task: {exc}") from exc
+    # Fail fast, before any fold trains: the LoRA options, the model on this data, the
+    # trainer options (checked with the first candidate rank).
+    selection_ranks = check_ranks(ranks)
+    model = config.model.build(len(data.classes))
+    try:
+        api.apply(model, rank=selection_ranks[0], **apply_options)
+    except TypeError as exc:
+        raise ConfigError(f"{config.path}: [lora] {exc}") from exc
+    _check_outputs(model, data, task, config.model)
+    try:
+        Trainer(model, data.train, data.val, task=task, progress=False, **trainer_options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{config.path}: [train] {exc}") from exc
+    say(f"cross-validating ranks {', '.join(map(str, selection_ranks))} with {folds} folds on {metric} ({_epochs(int(trainer_options.get('epochs', 3)))} per fold)")
+    selection = select_rank(
+        lambda: config.model.build(len(data.classes)), samples, task=task, ranks=selection_ranks, folds=folds, metric=metric,
+        apply_kwargs=apply_options, trainer_kwargs=trainer_options, seed=int(seed), say=say,
+    )  # fmt: skip
+    return RankSelectionResult(selection, folds, int(seed), len(samples), data)
+
+
+def train_command(config: TrainConfig, rank: int) -> str:
+    """The `lora-anywhere train` line that trains at `rank` with this config."""
+    return f"lora-anywhere train {config.path} --rank {rank}"
+
+
 # ---------------------------------------------------------------------- merge
 
 
@@ -341,3 +473,7 @@ def merge_to_file(spec: ModelSpec, adapter: str | Path, out: str | Path) -> dict
     with atomic_file(out) as tmp:
         save_file(state, str(tmp), metadata={"format": "lora_anywhere.merged/1", "model": spec.spec})
     return {"tensors": len(state), "parameters": sum(v.numel() for v in state.values()), "bytes": out.stat().st_size}
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'s' if n != 1 else ''}"

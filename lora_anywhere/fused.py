@@ -114,8 +114,9 @@ class FusedConvLoRA(torch.autograd.Function):
 
 def explicit_padding(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """The layer's padding as symmetric ints, padding `x` itself where the layer's
-    padding_mode or an asymmetric "same" needs it (exactly as the layer would)."""
-    dims = layer.weight.dim() - 2
+    padding_mode or an asymmetric "same" needs it (exactly as the layer would). It
+    reads the geometry only: `layer.weight` would build W + ΔW on an adapted layer."""
+    dims = len(layer.kernel_size)
     if layer.padding_mode != "zeros":
         return F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), [0] * dims
     if layer.padding != "same":

@@ -363,3 +363,26 @@ def test_inplace_op_after_an_adapted_layer(layer, x):
     reference = la.apply(nn.Sequential(layer(), nn.Hardswish()), rank=2, path="weight")
     reference.load_state_dict(model.state_dict())
     torch.testing.assert_close(reference(x), model(x))
+
+
+@pytest.mark.parametrize(
+    ("layer", "x"),
+    [
+        (lambda: nn.Linear(6, 5), torch.randn(2, 3, 6)),
+        (lambda: nn.Conv1d(4, 6, 4, padding="same"), torch.randn(2, 4, 9)),
+        (lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), torch.randn(2, 4, 5, 5)),
+        (lambda: nn.Conv2d(4, 8, 3, groups=4), torch.randn(2, 4, 5, 5)),
+        (lambda: nn.Conv3d(2, 3, 2, stride=2), torch.randn(1, 2, 4, 4, 4)),
+        (lambda: nn.Embedding(9, 4), torch.randint(0, 9, (3, 4))),
+    ],
+)
+def test_activation_path_never_builds_the_weight_delta(layer, x, monkeypatch):
+    """The activation path's point is to never form ΔW: reading `layer.weight` (W + ΔW)
+    anywhere in its forward would cost a weight-sized matmul per step."""
+    model = la.apply(layer(), rank=2, path="activation")
+
+    def refuse(self):
+        raise AssertionError("ΔW was built on the activation path")
+
+    monkeypatch.setattr(la.adapter.LowRank, "delta", refuse)
+    model(x).float().sum().backward()

@@ -28,6 +28,12 @@ from train_step import RESULTS, Case, bitfit, cases, peft_lora  # noqa: E402
 
 
 def saved_bytes(model: nn.Module, case: Case, inputs: tuple) -> int:
+    return step_saved_bytes(model, lambda: case.loss(model(*inputs)))
+
+
+def step_saved_bytes(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the unique storages autograd saves for the backward of ``loss_fn()``
+    (then runs that backward), leaving out the model's frozen parameters."""
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -36,10 +42,15 @@ def saved_bytes(model: nn.Module, case: Case, inputs: tuple) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = case.loss(model(*inputs))
+        loss = loss_fn()
     loss.backward()
     frozen = {p.untyped_storage().data_ptr() for p in model.parameters() if not p.requires_grad}
     return sum(n for ptr, n in storages.items() if ptr not in frozen)
+
+
+def trainable_state_bytes(model: nn.Module) -> int:
+    """Gradients and AdamW's two moments: 3 × 4 bytes per trainable fp32 parameter."""
+    return 12 * sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def contenders(rank: int, with_peft: bool) -> dict[str, Callable[[nn.Module], nn.Module]]:
@@ -77,9 +88,9 @@ def main() -> None:
             except Exception as exc:
                 row[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"}
                 continue
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            state = trainable_state_bytes(model)
             saved = saved_bytes(model, case, inputs)
-            row[name] = {"saved_activation_mb": saved / 2**20, "trainable_state_mb": 12 * trainable / 2**20, "total_mb": (saved + 12 * trainable) / 2**20}
+            row[name] = {"saved_activation_mb": saved / 2**20, "trainable_state_mb": state / 2**20, "total_mb": (saved + state) / 2**20}
         results.append({"case": case.name, "note": case.note, "contenders": row})
         print(f"== {case.name} ({case.note})")
         for name, r in row.items():

@@ -69,11 +69,14 @@ def _tensor_property(tensor: str) -> property:
 
 
 def _adapted_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    layer, path = self.__dict__[_LAYER], self.__dict__[_OWNER_PATH]
+    layer, path, rule = self.__dict__[_LAYER], self.__dict__[_OWNER_PATH], self.__dict__[_RULE]
     weight = effective_tensor(self, "weight", include_activation=False)
-    rows = weight.shape[0]
-    terms = [a.activation_term(path, rows) for a in layer._modules[ADAPTERS].values() if a.live and path in a.activation_owners]
-    return self.__dict__[_RULE].forward(self, weight, terms, *args, **kwargs)
+    adapters = [a for a in layer._modules[ADAPTERS].values() if a.live and path in a.activation_owners]
+    if not torch.is_grad_enabled() and not any(a.dropout_active for a in adapters) and rule.weight_cheaper_without_grad(self, weight, *args, **kwargs):
+        # No gradient to pay for: the layer's own forward reads W + ΔW (the property).
+        return type(self).__lora_base__.forward(self, *args, **kwargs)
+    terms = [a.activation_term(path, weight.shape[0]) for a in adapters]
+    return rule.forward(self, weight, terms, *args, **kwargs)
 
 
 def _save_to_state_dict(self: nn.Module, *args: Any, **kwargs: Any) -> None:

@@ -57,6 +57,14 @@ class Rule:
         """Whether `y = layer(x) + s·B(A(x))` is cheaper than running with W + ΔW."""
         return True
 
+    def weight_cheaper_without_grad(self, layer: nn.Module, weight: torch.Tensor, *args: Any, **kwargs: Any) -> bool:
+        """For a call under ``no_grad`` (inference, evaluation): whether forming
+        W + ΔW once and running the layer's own forward costs less than adding
+        ``s·B(A(x))`` on every row of these inputs. `weight` is the raw base tensor.
+        Without a weight gradient to pay for, the weight path wins as soon as the
+        layer sees enough rows, so an unmerged model evaluates at nearly base speed."""
+        return False
+
     def forward(self, layer: nn.Module, weight: torch.Tensor, terms: Sequence[Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Run `layer` with base weight `weight` and add each term ``scale · B(A(x))``.
 

@@ -386,3 +386,36 @@ def test_activation_path_never_builds_the_weight_delta(layer, x, monkeypatch):
 
     monkeypatch.setattr(la.adapter.LowRank, "delta", refuse)
     model(x).float().sum().backward()
+
+
+@pytest.mark.parametrize(
+    ("layer", "many", "few"),
+    [
+        (lambda: nn.Linear(64, 32), torch.randn(4, 30, 64), torch.randn(2, 64)),
+        (lambda: nn.Conv2d(8, 16, 3, stride=2), torch.randn(2, 8, 20, 20), torch.randn(1, 8, 3, 3)),
+        (lambda: nn.Embedding(50, 8), torch.randint(0, 50, (4, 30)), torch.randint(0, 50, (2, 3))),
+    ],
+)
+def test_inference_takes_the_weight_path_when_it_is_cheaper(layer, many, few, monkeypatch):
+    """Under no_grad an activation-path layer forms W + ΔW once when it sees enough
+    rows (no weight gradient to pay for); on few rows it keeps A and B. Both exact."""
+    model = la.apply(layer(), rank=2, path="activation")
+    randomize_adapters(model)
+    built = []
+    delta = la.adapter.LowRank.delta
+    monkeypatch.setattr(la.adapter.LowRank, "delta", lambda self: built.append(1) or delta(self))
+    for x, weight_path in ((many, True), (few, False)):
+        expected = model(x).detach()
+        assert not built, "the training forward built ΔW"
+        with torch.no_grad():
+            got = model(x)
+        assert bool(built) == weight_path
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        built.clear()
+
+
+def test_inference_with_active_dropout_stays_on_activations(monkeypatch):
+    model = la.apply(nn.Linear(64, 32), rank=2, path="activation", dropout=0.5).train()
+    monkeypatch.setattr(la.adapter.LowRank, "delta", lambda self: pytest.fail("dropout needs the activation path"))
+    with torch.no_grad():
+        model(torch.randn(100, 64))

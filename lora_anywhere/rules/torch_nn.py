@@ -7,6 +7,7 @@ weight path give the same numbers, and so does the merged weight.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -38,6 +39,9 @@ class LinearRule(Rule):
         out_features, in_features = layer.weight.shape
         return in_features * out_features >= 128 * (in_features + out_features)
 
+    def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
+        return many_rows(x.numel() // max(x.shape[-1], 1), *weight.shape)
+
     def forward(self, layer, weight, terms, x):  # type: ignore[override]
         if len(terms) == 1 and not terms[0].dropout_active:
             t = terms[0]
@@ -46,6 +50,13 @@ class LinearRule(Rule):
         for t in terms:
             y = y + F.linear(F.linear(t.dropout(x), t.a) * t.scale, t.b)
         return y
+
+
+def many_rows(rows: int, out: int, cols: int) -> bool:
+    """Whether A and B on `rows` rows (rows·r·(out + cols) multiply-adds) cost at least
+    as much as forming ΔW = B·A once (out·r·cols): the inference choice of the
+    Linear-like and conv rules."""
+    return rows * (out + cols) >= out * cols
 
 
 _CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -77,6 +88,10 @@ class ConvRule(Rule):
         # input gradient. So "auto" takes the weight path for convs; path="activation"
         # still forces the fused path, which is exact too. Not yet measured on GPU.
         return False
+
+    def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
+        positions = x.numel() // max(x.shape[1], 1) // math.prod(layer.stride)
+        return many_rows(positions, weight.shape[0], weight[0].numel())
 
     def forward(self, layer, weight, terms, x):  # type: ignore[override]
         g = layer.groups
@@ -121,6 +136,10 @@ class EmbeddingRule(Rule):
 
     def supports_activation(self, layer: nn.Module) -> bool:
         return layer.max_norm is None and super().supports_activation(layer)
+
+    def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
+        # Each looked-up row costs r·dim on activations; ΔW costs r·dim per table row.
+        return x.numel() >= weight.shape[0]
 
     def forward(self, layer, weight, terms, x):  # type: ignore[override]
         y = F.embedding(x, weight, layer.padding_idx, layer.max_norm, layer.norm_type, layer.scale_grad_by_freq, layer.sparse)

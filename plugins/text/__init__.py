@@ -27,6 +27,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lora_anywhere import Rule, Target, hookimpl
+from lora_anywhere.rules.torch_nn import many_rows
 
 WEIGHT = (Target("weight", "weight"),)
 
@@ -46,6 +47,9 @@ class Conv1DRule(Rule):
 
     def targets(self, layer: nn.Module) -> Sequence[Target]:
         return WEIGHT
+
+    def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
+        return many_rows(x.numel() // max(x.shape[-1], 1), *weight.shape)
 
     def forward(self, layer, weight, terms, x):  # type: ignore[override]
         size_out = x.size()[:-1] + (layer.nf,)

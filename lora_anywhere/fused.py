@@ -1,10 +1,11 @@
-"""Fused activation-path LoRA for Linear and ConvNd.
+"""Activation-path LoRA for Linear and ConvNd as single autograd functions.
 
-``y = layer(x) + s·B(A(x))`` computed as one matmul or conv over ``[W; A]`` (x is read
-once for the base op and A's projection), followed by B. The backward computes the
-input gradient through ``[W; A]`` in one op and A's weight gradient only: no
-gradient of the frozen W is ever formed, which is what keeps LoRA near the floor of
-training only biases.
+``y = layer(x) + s·B(A(x))``. For Linear, one matmul over ``[W; A]`` reads x once for
+the base op and A's projection; for convs the base conv runs as in the frozen model
+and ``s·B z`` is added into its output in place (see `FusedConvLoRA`). The backward
+computes the input gradient through ``[W; A]`` in one op, and the gradients of A and
+B only: no gradient of the frozen W is ever formed, which is what keeps LoRA near
+the floor of training only biases.
 """
 
 from __future__ import annotations
@@ -67,19 +68,29 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class FusedConvLoRA(torch.autograd.Function):
-    """Ungrouped ConvNd with explicit symmetric padding (the caller pads otherwise)."""
+    """Ungrouped ConvNd with explicit symmetric padding (the caller pads otherwise).
+
+    Unlike the Linear case, A does not run inside the base conv: a conv over
+    ``[W; A]`` returns ``[y; z]`` interleaved per sample, and taking y out of it costs
+    more passes over the output than the base conv itself on oneDNN (measured per
+    layer, bench/conv_paths.py). So the base conv runs exactly as in the frozen model,
+    z = A(x) is a conv with r outputs, and ``s·B z`` is accumulated into y in place by
+    one batched matmul; the backward mirrors it.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float,
                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:  # fmt: skip
         dims = weight.dim() - 2
-        out, r = weight.shape[0], a.shape[0]
+        n, r = x.shape[0], a.shape[0]
         a_kernel = a.view(r, *weight.shape[1:])
-        yz = _CONV[dims](x, torch.cat([weight, a_kernel]), None, stride, padding, dilation)
-        z = yz[:, out:].contiguous()
-        y = yz[:, :out] + _CONV[dims](z, (b * scale).view(out, r, *(1,) * dims))
-        if bias is not None:
-            y += bias.view(1, -1, *(1,) * dims)
+        y = _CONV[dims](x, weight, bias, stride, padding, dilation)
+        z = _CONV[dims](x, a_kernel, None, stride, padding, dilation).reshape(n, r, -1)
+        sb = b * scale
+        if y.is_contiguous():
+            y.view(n, y.shape[1], -1).baddbmm_(sb.expand(n, *sb.shape), z)
+        else:  # channels_last and the like: keep the base conv's memory format
+            y = y + (sb @ z).view(y.shape)
         keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
         ctx.save_for_backward(x if keep_x else None, weight, a_kernel, b, z)
         ctx.x_shape = x.shape
@@ -92,13 +103,15 @@ class FusedConvLoRA(torch.autograd.Function):
         scale, stride, padding, dilation, has_bias = ctx.conf
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         dims = weight.dim() - 2
-        out, r = weight.shape[0], a_kernel.shape[0]
+        n, out, r = grad.shape[0], weight.shape[0], a_kernel.shape[0]
         grad = grad.contiguous()
-        gz = _CONV[dims](grad, (b.t() * scale).reshape(r, out, *(1,) * dims))
+        g3 = grad.view(n, out, -1)
+        gz = torch.matmul(b.t() * scale, g3).view(n, r, *grad.shape[2:])
         no_pad = [0] * dims
         gx = gw = gbias = ga = gb = None
         if need_x:
-            # The input gradient needs x's shape only (as torch.nn.grad.conv2d_input does).
+            # One input-gradient conv through [W; A]; it needs x's shape only (as
+            # torch.nn.grad.conv2d_input does), so a frozen A keeps no copy of x.
             shape_only = x if x is not None else grad.new_empty(1).expand(ctx.x_shape)
             gx = _conv_backward(torch.cat([grad, gz], 1), shape_only, torch.cat([weight, a_kernel]), None, stride, padding, dilation, False, no_pad, 1, [True, False, False])[0]
         if need_a:
@@ -106,7 +119,7 @@ class FusedConvLoRA(torch.autograd.Function):
         if need_w:
             gw = _conv_backward(grad, x, weight, None, stride, padding, dilation, False, no_pad, 1, [False, True, False])[1]
         if need_b:
-            gb = torch.einsum("no...,nr...->or", grad, z) * scale
+            gb = torch.bmm(g3, z.transpose(1, 2)).sum(0) * scale
         if need_bias and has_bias:
             gbias = grad.sum(dim=[0, *range(2, grad.dim())])
         return gx, gw, gbias, ga, gb, None, None, None, None

@@ -419,3 +419,9 @@ def test_inference_with_active_dropout_stays_on_activations(monkeypatch):
     monkeypatch.setattr(la.adapter.LowRank, "delta", lambda self: pytest.fail("dropout needs the activation path"))
     with torch.no_grad():
         model(torch.randn(100, 64))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_activation_path_on_channels_last_inputs(bias):
+    x = torch.randn(2, 4, 6, 6).to(memory_format=torch.channels_last)
+    _paths_agree(lambda: nn.Conv2d(4, 6, 3, padding=1, bias=bias).to(memory_format=torch.channels_last), (x,), rank=2)

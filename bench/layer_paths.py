@@ -1,0 +1,116 @@
+"""One layer's training step on each path, relative to the frozen layer: the
+measurements behind ``path="auto"``.
+
+    .venv/bin/python bench/layer_paths.py [--quick]
+
+For Linear and Conv2d shapes taken from the benchmark models (ResNet-50 at 160 px,
+ViT-S, GCN, Conformer), time forward + backward of: the frozen layer with an input
+that needs a gradient (the floor: what BitFit pays per layer), full fine-tuning, and
+rank-8 LoRA on the weight path and on the activation path. Contenders are
+interleaved and the median is reported. Writes bench/results/layer_paths.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import lora_anywhere as la
+from lora_anywhere.atomic import atomic_file
+
+RESULTS = Path(__file__).parent / "results"
+
+# (label, layer factory, input shape)
+LINEARS = [
+    ("ViT-S qkv 384→1152", lambda: nn.Linear(384, 1152), (8 * 197, 384)),
+    ("ViT-S fc1 384→1536", lambda: nn.Linear(384, 1536), (8 * 197, 384)),
+    ("ViT-S fc2 1536→384", lambda: nn.Linear(1536, 384), (8 * 197, 1536)),
+    ("GCN 128→256", lambda: nn.Linear(128, 256), (20_000, 128)),
+    ("GCN 256→256", lambda: nn.Linear(256, 256), (20_000, 256)),
+    ("Conformer FFN 80→256", lambda: nn.Linear(80, 256), (4 * 200, 80)),
+]
+CONVS = [  # ResNet-50 at 160 px, batch 8: (in, out, kernel, stride, input size)
+    (64, 64, 1, 1, 40), (64, 64, 3, 1, 40), (64, 256, 1, 1, 40), (256, 64, 1, 1, 40),
+    (128, 128, 3, 1, 20), (128, 512, 1, 1, 20), (512, 128, 1, 1, 20), (256, 512, 1, 2, 40),
+    (256, 256, 3, 1, 10), (256, 1024, 1, 1, 10), (1024, 256, 1, 1, 10),
+    (512, 512, 3, 1, 5), (512, 2048, 1, 1, 5), (2048, 512, 1, 1, 5),
+]
+
+
+def step(layer: nn.Module, x: torch.Tensor) -> float:
+    x = x.detach().requires_grad_(True)
+    start = time.perf_counter()
+    y = layer(x)
+    y.backward(torch.ones_like(y))
+    return time.perf_counter() - start
+
+
+def compare(label: str, layer: nn.Module, x: torch.Tensor, repeats: int, rank: int) -> dict:
+    contenders = {
+        "floor": copy.deepcopy(layer).requires_grad_(False),
+        "full fine-tuning": copy.deepcopy(layer),
+        "weight path": la.apply(copy.deepcopy(layer), rank=rank, path="weight"),
+        "activation path": la.apply(copy.deepcopy(layer), rank=rank, path="activation"),
+    }
+    auto = la.apply(copy.deepcopy(layer), rank=rank)
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for round_ in range(repeats + 2):
+        for name, model in contenders.items():
+            t = step(model, x)
+            model.zero_grad(set_to_none=True)
+            if round_ >= 2:
+                times[name].append(t)
+    floor = statistics.median(times["floor"])
+    ratios = {k: statistics.median(v) / floor for k, v in times.items()}
+    on_activations = bool(auto.lora_adapters.default.activation_owners)
+    return {"layer": label, "floor_ms": 1000 * floor, "ratios": ratios, "auto": "activation" if on_activations else "weight"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    repeats = 5 if args.quick else 15
+    torch.manual_seed(0)
+    rows = []
+    cases = [(label, make(), torch.randn(*shape)) for label, make, shape in LINEARS]
+    cases += [
+        (f"Conv2d {i}→{o} {k}×{k}/{s} at {hw}×{hw}", nn.Conv2d(i, o, k, stride=s, padding=k // 2, bias=False), torch.randn(8, i, hw, hw))
+        for i, o, k, s, hw in CONVS
+    ]
+    for label, layer, x in cases:
+        row = compare(label, layer, x, repeats, args.rank)
+        print(f"{label:<36} floor {row['floor_ms']:7.2f} ms  " + "  ".join(f"{k} {v:.2f}×" for k, v in row["ratios"].items() if k != "floor") + f"  auto: {row['auto']}", flush=True)
+        rows.append(row)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "python": sys.version.split()[0], "rank": args.rank, "repeats": repeats}
+    names = ["full fine-tuning", "weight path", "activation path"]
+    lines = [
+        f"One layer's forward + backward, median of {repeats} interleaved runs, relative to the frozen layer (input gradient only). {meta}",
+        "",
+        "| layer | frozen | " + " | ".join(names) + " | `auto` picks |",
+        "|---|---|" + "---|" * len(names) + "---|",
+    ]
+    for r in rows:
+        best = min(("weight path", "activation path"), key=lambda k: r["ratios"][k])
+        cells = [f"**{r['ratios'][n]:.2f}×**" if n == best else f"{r['ratios'][n]:.2f}×" for n in names]
+        lines.append(f"| {r['layer']} | {r['floor_ms']:.2f} ms | " + " | ".join(cells) + f" | {r['auto']} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("layer_paths.json", json.dumps({"meta": meta, "results": rows}, indent=2)), ("layer_paths.md", "\n".join(lines) + "\n")):
+        with atomic_file(args.out / name) as tmp:
+            tmp.write_text(text)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

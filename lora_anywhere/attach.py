@@ -31,6 +31,7 @@ _OWNER_PATH = "_lora_owner_path"  # on a tensor owner: its path below that layer
 _TIED = "_lora_tied"  # on a layer: modules outside it that hold one of its adapted tensors
 _RULE = "_lora_rule"  # on a module whose forward adds adapters on the activations
 _RAW = "_lora_raw"  # on a tensor owner, while its class saves or loads its state
+_CACHE = "_lora_cache"  # on a tensor owner, during its own forward: W + ΔW per tensor
 
 _CLASSES: dict[tuple[type, tuple[str, ...], bool], type] = {}
 
@@ -62,7 +63,12 @@ def _tensor_property(tensor: str) -> property:
     def get(self: nn.Module) -> torch.Tensor:
         if self.__dict__.get(_RAW):
             return self._parameters[tensor]
-        return effective_tensor(self, tensor)
+        cache = self.__dict__.get(_CACHE)
+        if cache is None:
+            return effective_tensor(self, tensor)
+        if tensor not in cache:
+            cache[tensor] = effective_tensor(self, tensor)
+        return cache[tensor]
 
     get.__name__ = tensor
     return property(get, doc=f"{tensor} with the live LoRA adapters added (lora_anywhere)")
@@ -77,6 +83,19 @@ def _adapted_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return type(self).__lora_base__.forward(self, *args, **kwargs)
     terms = [a.activation_term(path, weight.shape[0]) for a in adapters]
     return rule.forward(self, weight, terms, *args, **kwargs)
+
+
+def _weight_path_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    # A forward may read its weight many times (HeteroLinear reads weight[t] once per
+    # type): form W + ΔW once per call. A compiled graph dedupes the reads itself.
+    forward = type(self).__lora_base__.forward
+    if _CACHE in self.__dict__ or torch.compiler.is_compiling():
+        return forward(self, *args, **kwargs)
+    self.__dict__[_CACHE] = {}
+    try:
+        return forward(self, *args, **kwargs)
+    finally:
+        del self.__dict__[_CACHE]
 
 
 def _save_to_state_dict(self: nn.Module, *args: Any, **kwargs: Any) -> None:
@@ -122,8 +141,7 @@ def adapted_class(base: type, tensors: tuple[str, ...], forward: bool) -> type:
             _save_to_state_dict=_save_to_state_dict,
             _load_from_state_dict=_load_from_state_dict,
         )
-        if forward:
-            namespace["forward"] = _adapted_forward
+        namespace["forward"] = _adapted_forward if forward else _weight_path_forward
         cls = type(base.__name__, (base,), namespace)
         _CLASSES[key] = cls
     return cls

@@ -160,6 +160,20 @@ def test_hetero_linear_is_exact(coverage_table) -> None:
     assert report.coverage >= 0.99
 
 
+def test_hetero_linear_forms_its_update_once_per_forward(monkeypatch) -> None:
+    """PyG's HeteroLinear (without pyg-lib) reads weight[t] once per type; the adapted
+    weight is formed once per forward, not once per read."""
+    import lora_anywhere.attach as attach
+
+    model = la.apply(HeteroLinear(FEATURES, 32, num_types=RELATIONS, is_sorted=True), rank=2)
+    formed = []
+    effective = attach.effective_tensor
+    monkeypatch.setattr(attach, "effective_tensor", lambda owner, tensor, **kw: formed.append(tensor) or effective(owner, tensor, **kw))
+    type_vec = torch.arange(RELATIONS).repeat_interleave(4)
+    model(torch.randn(len(type_vec), FEATURES), type_vec).sum().backward()
+    assert sorted(formed) == ["bias", "weight"]
+
+
 def test_hetero_dict_linear_is_exact(coverage_table) -> None:
     inputs = ({"paper": G["x"], "author": G["x"][:7, :8]},)
     report = check_exact(lambda: HeteroDictLinear({"paper": FEATURES, "author": 8}, 32), inputs)

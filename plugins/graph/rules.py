@@ -47,7 +47,7 @@ class HeteroLinearRule(Rule):
     The bias table is a types × out matrix like an embedding table, and gets a
     low-rank update too. Both are read by the forward each time, so the weight path
     is exact. Without pyg-lib's segment_matmul that forward reads ``weight[t]`` once
-    per type, and each read forms W + ΔW again: with many types, merge for inference."""
+    per type; the core forms W + ΔW once per forward call all the same."""
 
     name = "torch_geometric.nn.HeteroLinear"
 

@@ -32,12 +32,8 @@ class LinearRule(Rule):
         return WEIGHT
 
     def prefers_activation(self, layer: nn.Module, rank: int) -> bool:
-        # The weight path's extra cost is one weight gradient, ∝ in·out per row; the
-        # activation path's is a few passes over rows of width in + out. Measured on
-        # CPU (bench/train_step.py): the activation path wins on ViT-S, Swin-T and
-        # wav2vec2 (in·out/(in+out) ≥ 288) and loses on GCN/GAT/Conformer layers (≤ 85).
         out_features, in_features = layer.weight.shape
-        return in_features * out_features >= 128 * (in_features + out_features)
+        return wide_matrix(out_features, in_features)
 
     def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
         return many_rows(x.numel() // max(x.shape[-1], 1), *weight.shape)
@@ -50,6 +46,16 @@ class LinearRule(Rule):
         for t in terms:
             y = y + F.linear(F.linear(t.dropout(x), t.a) * t.scale, t.b)
         return y
+
+
+def wide_matrix(out: int, cols: int) -> bool:
+    """Whether training on the activations beats the weight path for an out × cols
+    matrix. The weight path's extra cost is a weight gradient, ∝ out·cols per row;
+    the activation path's is a few passes over rows of width out + cols. Measured
+    per layer on CPU (bench/layer_paths.py), for Linear and conv layers alike, the
+    activation path wins from out·cols/(out + cols) ≈ 128 on (ViT-S, wav2vec2,
+    ResNet-50's stages 3–4) and loses below (GCN, Conformer, ResNet-50's stage 1)."""
+    return out * cols >= 128 * (out + cols)
 
 
 def many_rows(rows: int, out: int, cols: int) -> bool:
@@ -70,7 +76,7 @@ class ConvRule(Rule):
     On activations, A is a conv with the layer's own geometry (``layer._conv_forward``
     applies padding_mode, padding, stride, dilation and groups exactly as the layer
     does) and g·r output channels; B is a grouped 1×1 conv. Ungrouped convs with one
-    adapter and no dropout run A inside the base conv (`fused.py`).
+    adapter and no dropout run as one autograd function (`fused.py`).
     """
 
     def __init__(self, base: type) -> None:
@@ -82,12 +88,8 @@ class ConvRule(Rule):
         return WEIGHT
 
     def prefers_activation(self, layer: nn.Module, rank: int) -> bool:
-        # Measured (bench/train_step.py, CPU): on ResNet-50, MobileNetV3 and Conformer
-        # the weight path trains faster than even the fused activation path — oneDNN
-        # convs pay per call, and the weight gradient of a conv is cheap next to its
-        # input gradient. So "auto" takes the weight path for convs; path="activation"
-        # still forces the fused path, which is exact too. Not yet measured on GPU.
-        return False
+        # Ungrouped only: a grouped conv's activation path is the unfused loop.
+        return layer.groups == 1 and wide_matrix(layer.out_channels, layer.in_channels * math.prod(layer.kernel_size))
 
     def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
         positions = x.numel() // max(x.shape[1], 1) // math.prod(layer.stride)

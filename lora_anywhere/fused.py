@@ -48,7 +48,7 @@ class FusedLinearLoRA(torch.autograd.Function):
         gz = (g @ b) * s  # (N, r)
         gx = gw = gbias = ga = gb = None
         if need_x:
-            gx = torch.addmm(g @ weight, gz, a).view(ctx.x_shape)
+            gx = (g @ weight).addmm_(gz, a).view(ctx.x_shape)
         if need_a:
             ga = gz.t() @ x2
         if need_b:

@@ -8,7 +8,7 @@ interleaved (one step of each, round after round) so that drifting machine load 
 them alike, and the median step time is reported, relative to the BitFit floor: only
 1-D parameters (biases, norms) train, so the backward runs through every layer but
 computes no weight gradient — no adapter that trains inside every layer can be cheaper.
-Writes bench/results/train_step.{md,json}.
+Writes bench/results/train_step.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import lora_anywhere as la
+from lora_anywhere.atomic import atomic_file
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -226,6 +227,34 @@ def inference_markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: list[dict], path: Path) -> None:
+    """Bars of each contender's train step relative to the floor, one group per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    names = [n for n in results[0]["contenders"] if n != "BitFit floor"]
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(results))]
+        ys = [r["contenders"][name].get("ratio_to_floor", 0.0) for r in results]
+        ax.bar(xs, ys, width, label=name)
+        for x, r in zip(xs, results):
+            if "error" in r["contenders"][name]:
+                ax.text(x, 0.05, "refuses", rotation=90, ha="center", va="bottom", fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.axhline(1.1, color="gray", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(results)), [r["case"] for r in results], rotation=20, ha="right")
+    ax.set_ylabel("train step ÷ BitFit floor")
+    ax.legend(fontsize=8, ncols=len(names))
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller inputs and fewer repeats (a few minutes)")
@@ -234,7 +263,12 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--no-peft", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the JSON of the last run")
     args = parser.parse_args()
+    stem = "train_step_quick" if args.quick else "train_step"
+    if args.plot_only:
+        plot(json.loads((args.out / f"{stem}.json").read_text())["results"], args.out / f"{stem}.png")
+        return
     repeats = args.repeats or (5 if args.quick else 15)
     selected = [c for c in cases(args.quick) if not args.models or c.name in args.models.split(",")]
     results = []
@@ -246,9 +280,8 @@ def main() -> None:
             print(f"   {name:<28} " + (f"refuses: {row['error']}" if "error" in row else f"{row['ratio_to_floor']:.2f}× floor ({1000 * row['median_s']:.0f} ms)"), flush=True)
         results.append(result)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "python": sys.version.split()[0], "quick": args.quick}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "train_step_quick" if args.quick else "train_step"
-    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    with atomic_file(args.out / f"{stem}.json") as tmp:
+        tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     text = (
         f"Train step, median of {repeats} interleaved steps, relative to the BitFit floor. {meta}\n\n"
         + markdown(results)
@@ -256,7 +289,9 @@ def main() -> None:
         + inference_markdown(results)
         + "\n"
     )
-    (args.out / f"{stem}.md").write_text(text)
+    with atomic_file(args.out / f"{stem}.md") as tmp:
+        tmp.write_text(text)
+    plot(results, args.out / f"{stem}.png")
     print(text)
 
 

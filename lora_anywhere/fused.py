@@ -73,9 +73,10 @@ class FusedConvLoRA(torch.autograd.Function):
     Unlike the Linear case, A does not run inside the base conv: a conv over
     ``[W; A]`` returns ``[y; z]`` interleaved per sample, and taking y out of it costs
     more passes over the output than the base conv itself on oneDNN (measured per
-    layer, bench/conv_paths.py). So the base conv runs exactly as in the frozen model,
+    layer, bench/layer_paths.py). So the base conv runs exactly as in the frozen model,
     z = A(x) is a conv with r outputs, and ``s·B z`` is accumulated into y in place by
-    one batched matmul; the backward mirrors it.
+    one batched matmul — or, for channels_last tensors, one plain matmul over the
+    (positions × channels) rows; the backward mirrors it.
     """
 
     @staticmethod
@@ -85,12 +86,15 @@ class FusedConvLoRA(torch.autograd.Function):
         n, r = x.shape[0], a.shape[0]
         a_kernel = a.view(r, *weight.shape[1:])
         y = _CONV[dims](x, weight, bias, stride, padding, dilation)
-        z = _CONV[dims](x, a_kernel, None, stride, padding, dilation).reshape(n, r, -1)
+        z = _CONV[dims](x, a_kernel, None, stride, padding, dilation)
         sb = b * scale
-        if y.is_contiguous():
-            y.view(n, y.shape[1], -1).baddbmm_(sb.expand(n, *sb.shape), z)
-        else:  # channels_last and the like: keep the base conv's memory format
-            y = y + (sb @ z).view(y.shape)
+        y_rows, z_rows = channel_rows(y), channel_rows(z)
+        if y_rows is not None and z_rows is not None:  # channels_last
+            y_rows.addmm_(z_rows, sb.t())
+        elif y.is_contiguous():
+            y.view(n, y.shape[1], -1).baddbmm_(sb.expand(n, *sb.shape), z.reshape(n, r, -1))
+        else:
+            y = y + (sb @ z.reshape(n, r, -1)).view(y.shape)
         keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
         ctx.save_for_backward(x if keep_x else None, weight, a_kernel, b, z)
         ctx.x_shape = x.shape
@@ -104,9 +108,13 @@ class FusedConvLoRA(torch.autograd.Function):
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         dims = weight.dim() - 2
         n, out, r = grad.shape[0], weight.shape[0], a_kernel.shape[0]
-        grad = grad.contiguous()
-        g3 = grad.view(n, out, -1)
-        gz = torch.matmul(b.t() * scale, g3).view(n, r, *grad.shape[2:])
+        g_rows, z_rows = channel_rows(grad), channel_rows(z)
+        if g_rows is not None and z_rows is not None:  # channels_last
+            gz = (g_rows @ (b * scale)).view(n, *grad.shape[2:], r).movedim(-1, 1)
+        else:
+            grad = grad.contiguous()
+            g3 = grad.view(n, out, -1)
+            gz = torch.matmul(b.t() * scale, g3).view(n, r, *grad.shape[2:])
         no_pad = [0] * dims
         gx = gw = gbias = ga = gb = None
         if need_x:
@@ -119,10 +127,20 @@ class FusedConvLoRA(torch.autograd.Function):
         if need_w:
             gw = _conv_backward(grad, x, weight, None, stride, padding, dilation, False, no_pad, 1, [False, True, False])[1]
         if need_b:
-            gb = torch.bmm(g3, z.transpose(1, 2)).sum(0) * scale
+            if g_rows is not None and z_rows is not None:
+                gb = (g_rows.t() @ z_rows) * scale
+            else:
+                gb = torch.bmm(g3, z.reshape(n, r, -1).transpose(1, 2)).sum(0) * scale
         if need_bias and has_bias:
             gbias = grad.sum(dim=[0, *range(2, grad.dim())])
         return gx, gw, gbias, ga, gb, None, None, None, None
+
+
+def channel_rows(t: torch.Tensor) -> torch.Tensor | None:
+    """`t` (N, C, …) as a (positions × C) matrix view when its channels are innermost
+    in memory (channels_last), else None."""
+    rows = t.movedim(1, -1)
+    return rows.view(-1, t.shape[1]) if rows.is_contiguous() else None
 
 
 def explicit_padding(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:

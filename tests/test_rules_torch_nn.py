@@ -422,6 +422,9 @@ def test_inference_with_active_dropout_stays_on_activations(monkeypatch):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_conv_activation_path_on_channels_last_inputs(bias):
-    x = torch.randn(2, 4, 6, 6).to(memory_format=torch.channels_last)
-    _paths_agree(lambda: nn.Conv2d(4, 6, 3, padding=1, bias=bias).to(memory_format=torch.channels_last), (x,), rank=2)
+@pytest.mark.parametrize(("conv", "shape", "layout"), [(nn.Conv2d, (2, 4, 6, 6), torch.channels_last), (nn.Conv3d, (2, 4, 3, 4, 5), torch.channels_last_3d)])
+def test_conv_activation_path_on_channels_last_inputs(bias, conv, shape, layout):
+    x = torch.randn(*shape).to(memory_format=layout)
+    _paths_agree(lambda: conv(4, 6, 3, padding=1, bias=bias).to(memory_format=layout), (x,), rank=2)
+    model = la.apply(conv(4, 6, 3, padding=1, bias=bias).to(memory_format=layout), rank=2, path="activation")
+    assert model(x).is_contiguous(memory_format=layout), "the adapter changed the conv's memory format"

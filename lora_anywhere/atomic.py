@@ -10,6 +10,18 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: Path, mode: int) -> None:
+    # mkstemp/mkdtemp create private (0600/0700) entries; the result should have the
+    # permissions an ordinary open() or mkdir() would have given it.
+    os.chmod(path, mode & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success it replaces `path`."""
@@ -19,6 +31,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        _usual_mode(Path(tmp), 0o666)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -40,6 +53,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     old = None
     try:
         yield tmp
+        for folder, _, files in os.walk(tmp):  # safetensors, too, writes 0600 files
+            _usual_mode(Path(folder), 0o777)
+            for name in files:
+                _usual_mode(Path(folder, name), 0o666)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             os.rmdir(old)

@@ -208,6 +208,19 @@ def test_save_is_atomic_and_overwrites(tmp_path):
     torch.testing.assert_close(la.load_adapter(make(), tmp_path / "a")(X), model(X))
 
 
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """Written through a temporary file, yet readable like any file the user writes."""
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        folder = la.save_adapter(la.apply(make()), tmp_path / "a")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "a").iterdir()} == {0o644}, folder
+
+
 def test_load_onto_other_shapes_names_the_mismatch(tmp_path):
     la.save_adapter(la.apply(make()), tmp_path / "a")
     other = make()

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/memory.py [--quick] [--models resnet50,...]
 
-Counted, not sampled, so the numbers repeat exactly on any machine: the bytes of the
+Counted, not sampled, so the numbers repeat on any machine (to about 0.1 MB): the bytes of the
 tensors autograd saves for the backward of one training step (unique storages, through
 ``torch.autograd.graph.saved_tensors_hooks``), and the bytes of the trainable state
 (gradients and AdamW's two moments, 3 × 4 bytes per trainable fp32 parameter). The

@@ -53,9 +53,10 @@ def wide_matrix(out: int, cols: int) -> bool:
     matrix. The weight path's extra cost is a weight gradient, ∝ out·cols per row;
     the activation path's is a few passes over rows of width out + cols. Measured
     per layer on CPU (bench/layer_paths.py), for Linear and conv layers alike, the
-    activation path wins from out·cols/(out + cols) ≈ 128 on (ViT-S, wav2vec2,
-    ResNet-50's stages 3–4) and loses below (GCN, Conformer, ResNet-50's stage 1)."""
-    return out * cols >= 128 * (out + cols)
+    activation path wins above out·cols/(out + cols) = 128 (ViT-S, wav2vec2,
+    ResNet-50's stages 3–4) and loses up to it (GCN's 256 × 256, Conformer,
+    ResNet-50's stage 1)."""
+    return out * cols > 128 * (out + cols)
 
 
 def many_rows(rows: int, out: int, cols: int) -> bool:

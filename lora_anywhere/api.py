@@ -344,7 +344,8 @@ def apply(
     adapters are computed ("activation" where a rule offers it, or "weight"); both give
     the same numbers, "auto" picks the cheaper per layer. ``freeze_a`` keeps A a fixed
     random projection and trains only B (LoRA-FA: the activation path then needs no
-    copy of the layer input for the backward). ``rslora`` scales by alpha/√rank
+    copy of the layer input for the backward, so with path "auto" every layer whose
+    rule offers it takes that path). ``rslora`` scales by alpha/√rank
     instead of alpha/rank. ``init="svd"`` starts A and B from the top singular
     directions of each weight (PiSSA; the output is unchanged at init). ``dora``
     learns a magnitude per output row besides the low-rank direction (DoRA; weight
@@ -362,7 +363,7 @@ def apply(
             "or call lora_anywhere.remove(model) first"
         )
     trainable_names = _resolve_trainable(model, trainable)
-    plans = _plan(model, rank=rank, alpha=alpha, targets=targets, exclude=exclude, ranks=ranks, alphas=alphas, path=WEIGHT if dora else path, skip=set(trainable_names), rank_given=rank_given, rslora=rslora)
+    plans = _plan(model, rank=rank, alpha=alpha, targets=targets, exclude=exclude, ranks=ranks, alphas=alphas, path=_effective_path(path, dora=dora, freeze_a=freeze_a), skip=set(trainable_names), rank_given=rank_given, rslora=rslora)
     if not plans and not trainable_names:
         raise TargetError(f"nothing to adapt in {type(model).__name__}: no layer is covered by a rule; adaptable layers: {_adaptable_summary(model)}")
     config = AdapterConfig(
@@ -382,6 +383,14 @@ def apply(
     )
     install(model, plans, config, dropout)
     return model
+
+
+def _effective_path(path: str, *, dora: bool, freeze_a: bool) -> str:
+    """DoRA needs W + ΔW (its norm); LoRA-FA is chosen for memory, which only the
+    activation path saves, so "auto" then means the activation path."""
+    if dora:
+        return WEIGHT
+    return ACTIVATION if freeze_a and path == "auto" else path
 
 
 def _initialise(layer: nn.Module, adapter: LayerAdapter, config: AdapterConfig) -> None:

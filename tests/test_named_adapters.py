@@ -123,6 +123,14 @@ def test_freeze_a_trains_only_b_and_stays_exact(factory, x):
     assert trainable and all(n.endswith(".B") for n in trainable)
 
 
+def test_freeze_a_takes_the_activation_path_where_it_saves_memory():
+    """A narrow Linear trains faster on the weight path, but LoRA-FA is chosen for its
+    memory, which only the activation path saves: "auto" then means activation."""
+    assert not la.apply(nn.Linear(8, 8), rank=2).lora_adapters.default.activation_owners
+    assert la.apply(nn.Linear(8, 8), rank=2, freeze_a=True).lora_adapters.default.activation_owners
+    assert not la.apply(nn.Linear(8, 8), rank=2, freeze_a=True, path="weight").lora_adapters.default.activation_owners
+
+
 def test_freeze_a_survives_save_and_load(tmp_path):
     model = la.apply(make(), rank=2, freeze_a=True)
     la.save_adapter(model, tmp_path / "fa")

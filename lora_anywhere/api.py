@@ -22,6 +22,9 @@ from .selection import ALL, SelectorSet, compile_many, first_value
 DEFAULT = "default"
 DEFAULT_RANK = 8
 PATHS = ("auto", ACTIVATION, WEIGHT)
+#: "auto" for LoRA-FA, which is chosen for memory: the activation path wherever it
+#: saves memory (it then keeps no copy of the layer's input), else the faster path.
+LEAN = "lean"
 INITS = ("lora", "svd")
 _STATE = "_lora_anywhere_state"
 
@@ -257,8 +260,9 @@ def _under(name: str, prefixes: set[str]) -> bool:
 def activation_owners(path: str, layer: nn.Module, targets: list[ResolvedTarget], rank: int) -> dict[str, Rule]:
     """The modules below `layer` whose forward will add the adapter on the activations:
     those whose targets are all their own `weight`, whose rule offers the activation
-    path for them, and (with path "auto") expects it to be the cheaper one. Forcing
-    "activation" still leaves the others on the weight path, which is always exact."""
+    path for them, and (with path "auto") expects it to be the cheaper one, or (with
+    LEAN) to save memory. Forcing "activation" still leaves the others on the weight
+    path, which is always exact."""
     if path == WEIGHT:
         return {}
     reg = registry()
@@ -273,7 +277,7 @@ def activation_owners(path: str, layer: nn.Module, targets: list[ResolvedTarget]
         rule = reg.rule_for(owner)
         if rule is None or not rule.supports_activation(owner):
             continue
-        if path == ACTIVATION or rule.prefers_activation(owner, rank):
+        if path == ACTIVATION or rule.prefers_activation(owner, rank) or (path == LEAN and rule.activation_saves_memory(owner)):
             chosen[owner_path] = rule
     return chosen
 
@@ -363,7 +367,7 @@ def apply(
             "or call lora_anywhere.remove(model) first"
         )
     trainable_names = _resolve_trainable(model, trainable)
-    plans = _plan(model, rank=rank, alpha=alpha, targets=targets, exclude=exclude, ranks=ranks, alphas=alphas, path=_effective_path(path, dora=dora, freeze_a=freeze_a), skip=set(trainable_names), rank_given=rank_given, rslora=rslora)
+    plans = _plan(model, rank=rank, alpha=alpha, targets=targets, exclude=exclude, ranks=ranks, alphas=alphas, path=WEIGHT if dora else (LEAN if freeze_a and path == "auto" else path), skip=set(trainable_names), rank_given=rank_given, rslora=rslora)
     if not plans and not trainable_names:
         raise TargetError(f"nothing to adapt in {type(model).__name__}: no layer is covered by a rule; adaptable layers: {_adaptable_summary(model)}")
     config = AdapterConfig(
@@ -383,14 +387,6 @@ def apply(
     )
     install(model, plans, config, dropout)
     return model
-
-
-def _effective_path(path: str, *, dora: bool, freeze_a: bool) -> str:
-    """DoRA needs W + ΔW (its norm); LoRA-FA is chosen for memory, which only the
-    activation path saves, so "auto" then means the activation path."""
-    if dora:
-        return WEIGHT
-    return ACTIVATION if freeze_a and path == "auto" else path
 
 
 def _initialise(layer: nn.Module, adapter: LayerAdapter, config: AdapterConfig) -> None:

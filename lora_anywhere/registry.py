@@ -57,6 +57,11 @@ class Rule:
         """Whether `y = layer(x) + s·B(A(x))` is cheaper than running with W + ΔW."""
         return True
 
+    def activation_saves_memory(self, layer: nn.Module) -> bool:
+        """Whether the activation path keeps less for the backward than the weight
+        path when A is frozen (LoRA-FA): then it saves no copy of the input."""
+        return True
+
     def weight_cheaper_without_grad(self, layer: nn.Module, weight: torch.Tensor, *args: Any, **kwargs: Any) -> bool:
         """For a call under ``no_grad`` (inference, evaluation): whether forming
         W + ΔW once and running the layer's own forward costs less than adding

@@ -129,6 +129,8 @@ def test_freeze_a_takes_the_activation_path_where_it_saves_memory():
     assert not la.apply(nn.Linear(8, 8), rank=2).lora_adapters.default.activation_owners
     assert la.apply(nn.Linear(8, 8), rank=2, freeze_a=True).lora_adapters.default.activation_owners
     assert not la.apply(nn.Linear(8, 8), rank=2, freeze_a=True, path="weight").lora_adapters.default.activation_owners
+    # …but not a grouped conv, whose A runs per group on r times the output's size.
+    assert not la.apply(nn.Conv2d(8, 8, 3, groups=8), rank=2, freeze_a=True).lora_adapters.default.activation_owners
 
 
 def test_freeze_a_survives_save_and_load(tmp_path):

@@ -92,6 +92,10 @@ class ConvRule(Rule):
         # Ungrouped only: a grouped conv's activation path is the unfused loop.
         return layer.groups == 1 and wide_matrix(layer.out_channels, layer.in_channels * math.prod(layer.kernel_size))
 
+    def activation_saves_memory(self, layer: nn.Module) -> bool:
+        # A grouped conv's A runs per group: g·r channels, r times the output's size.
+        return layer.groups == 1
+
     def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
         positions = x.numel() // max(x.shape[1], 1) // math.prod(layer.stride)
         return many_rows(positions, weight.shape[0], weight[0].numel())

@@ -219,6 +219,26 @@ class LayerAdapter(nn.Module):
         factor = (self.magnitudes[t.name].to(block.dtype) / norm).view(-1, *(1,) * (v.dim() - 1))
         return v * factor - block
 
+    def add_to(self, owner: str, tensor: str, w: torch.Tensor) -> torch.Tensor:
+        """w + ΔW for one tensor (`w` itself if this adapter does not touch it). The
+        common case — plain LoRA on a whole tensor — is one addmm: the same op that
+        `merge_block` runs in place, so merged and unmerged agree to the bit."""
+        blocks = [t for t in self.targets.values() if t.owner == owner and t.tensor == tensor]
+        if not blocks:
+            return w
+        fast = self._addmm_factors(blocks[0], w) if len(blocks) == 1 and blocks[0].rows is None else None
+        if fast is not None:
+            a, b, scale = fast
+            return torch.addmm(w.view(b.shape[0], -1), b, a, alpha=scale).view(w.shape)
+        return w + self.tensor_delta(owner, tensor, w)
+
+    def _addmm_factors(self, t: ResolvedTarget, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        if self.dora or not block.is_contiguous():
+            return None
+        f = self.factors[t.name]
+        a, b = f.pair()
+        return (a, b, f.scale) if a.dtype == block.dtype else None
+
     def tensor_delta(self, owner: str, tensor: str, like: torch.Tensor) -> torch.Tensor | None:
         """ΔW for one tensor, in its full shape, or None if this adapter does not touch it."""
         blocks = [t for t in self.targets.values() if t.owner == owner and t.tensor == tensor]
@@ -264,6 +284,11 @@ class LayerAdapter(nn.Module):
     def merge_block(self, t: ResolvedTarget, block: torch.Tensor, sign: int) -> None:
         """Add (sign +1) or take out (-1) this adapter's update, in place and exactly.
         DoRA's update depends on W, so merging remembers ‖W + ΔW‖ to invert it."""
+        fast = self._addmm_factors(t, block)
+        if fast is not None:
+            a, b, scale = fast
+            block.view(b.shape[0], -1).addmm_(b, a, alpha=sign * scale)
+            return
         delta = self.factors[t.name].delta().view(block.shape).to(block.dtype)
         if not self.dora:
             block.add_(delta, alpha=sign)

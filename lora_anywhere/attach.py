@@ -53,9 +53,7 @@ def effective_tensor(owner: nn.Module, tensor: str, *, include_activation: bool 
     path = owner.__dict__[_OWNER_PATH]
     for adapter in layer._modules[ADAPTERS].values():
         if adapter.live and (include_activation or path not in adapter.activation_owners):
-            delta = adapter.tensor_delta(path, tensor, w)
-            if delta is not None:
-                w = w + delta
+            w = adapter.add_to(path, tensor, w)
     return w
 
 

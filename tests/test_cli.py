@@ -1,6 +1,7 @@
 """The `lora-anywhere` command line: every command's help, `inspect`/`summary` (table
 and Mermaid), and error paths with their messages and exit codes. `demo` is in
-test_demo.py; `train` and `merge` in test_cli_train_merge.py."""
+test_demo.py; `train` and `merge` in test_cli_train_merge.py; `select-rank` in
+test_cli_select_rank.py."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from lora_anywhere.cli import main
 from lora_anywhere.demo import SmallCNN
 from lora_anywhere.mermaid import mermaid
 
-COMMANDS = ["demo", "inspect", "summary", "train", "merge", "plugins"]
+COMMANDS = ["demo", "inspect", "summary", "train", "select-rank", "merge", "plugins"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .fused import autocast_dtype
 from .registry import Rule
 
 ACTIVATION, WEIGHT = "activation", "weight"
@@ -229,7 +230,11 @@ class LayerAdapter(nn.Module):
         fast = self._addmm_factors(blocks[0], w) if len(blocks) == 1 and blocks[0].rows is None else None
         if fast is not None:
             a, b, scale = fast
-            return torch.addmm(w.view(b.shape[0], -1), b, a, alpha=scale).view(w.shape)
+            if autocast_dtype(w.device.type) is None:
+                return torch.addmm(w.view(b.shape[0], -1), b, a, alpha=scale).view(w.shape)
+            # Under autocast, W + ΔW keeps W's dtype: the layer casts it as it would W.
+            with torch.autocast(w.device.type, enabled=False):
+                return torch.addmm(w.view(b.shape[0], -1), b, a, alpha=scale).view(w.shape)
         return w + self.tensor_delta(owner, tensor, w)
 
     def _addmm_factors(self, t: ResolvedTarget, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] | None:

@@ -429,3 +429,35 @@ def test_conv_activation_path_on_channels_last_inputs(bias, conv, shape, layout)
     _paths_agree(lambda: conv(4, 6, 3, padding=1, bias=bias).to(memory_format=layout), (x,), rank=2)
     model = la.apply(conv(4, 6, 3, padding=1, bias=bias).to(memory_format=layout), rank=2, path="activation")
     assert model(x).is_contiguous(memory_format=layout), "the adapter changed the conv's memory format"
+
+
+@pytest.mark.parametrize(
+    ("layer", "x"),
+    [
+        (lambda: nn.Linear(16, 8), torch.randn(2, 4, 16)),
+        (lambda: nn.Linear(16, 8, bias=False), torch.randn(4, 16)),
+        (lambda: nn.Conv2d(4, 8, 3), torch.randn(2, 4, 6, 6)),
+        (lambda: nn.Conv2d(4, 8, 3), torch.randn(2, 4, 6, 6).to(memory_format=torch.channels_last)),
+        (lambda: nn.Embedding(10, 4), torch.randint(0, 10, (3, 5))),
+    ],
+)
+def test_both_paths_under_autocast(layer, x):
+    """The trainer runs bf16 autocast on CUDA; CPU autocast runs the same code. Both
+    paths give the base layer's output dtype and gradients in the factors' dtype."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_dtype = layer()(x).dtype
+    results = []
+    for path in ("activation", "weight"):
+        torch.manual_seed(0)
+        model = la.apply(layer(), rank=2, path=path)
+        randomize_adapters(model, seed=1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        assert out.dtype == expected_dtype, path
+        out.float().pow(2).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert all(g.dtype == torch.float32 for g in grads.values())
+        results.append((out.float(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0.05, atol=0.05)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], rtol=0.1, atol=0.1)

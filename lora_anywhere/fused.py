@@ -100,10 +100,10 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 class FusedConvLoRA(torch.autograd.Function):
     """Ungrouped ConvNd with explicit symmetric padding (the caller pads otherwise).
 
-    Unlike the Linear case, A does not run inside the base conv: a conv over
-    ``[W; A]`` returns ``[y; z]`` interleaved per sample, and taking y out of it costs
-    more passes over the output than the base conv itself on oneDNN (measured per
-    layer, bench/layer_paths.py). So the base conv runs exactly as in the frozen model,
+    As for Linear, A does not run inside the base conv: a conv over ``[W; A]``
+    returns ``[y; z]`` interleaved per sample, and taking y out of it cost more passes
+    over the output than the base conv itself on oneDNN (measured per layer with
+    bench/layer_paths.py). So the base conv runs exactly as in the frozen model,
     z = A(x) is a conv with r outputs, and ``s·B z`` is accumulated into y in place by
     one batched matmul — or, for channels_last tensors, one plain matmul over the
     (positions × channels) rows; the backward mirrors it.

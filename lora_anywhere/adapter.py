@@ -6,6 +6,7 @@ These modules hold parameters only. How they change a layer's output lives in
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping
@@ -230,10 +231,9 @@ class LayerAdapter(nn.Module):
         fast = self._addmm_factors(blocks[0], w) if len(blocks) == 1 and blocks[0].rows is None else None
         if fast is not None:
             a, b, scale = fast
-            if autocast_dtype(w.device.type) is None:
-                return torch.addmm(w.view(b.shape[0], -1), b, a, alpha=scale).view(w.shape)
             # Under autocast, W + ΔW keeps W's dtype: the layer casts it as it would W.
-            with torch.autocast(w.device.type, enabled=False):
+            autocast = autocast_dtype(w.device.type) is not None
+            with torch.autocast(w.device.type, enabled=False) if autocast else contextlib.nullcontext():
                 return torch.addmm(w.view(b.shape[0], -1), b, a, alpha=scale).view(w.shape)
         return w + self.tensor_delta(owner, tensor, w)
 

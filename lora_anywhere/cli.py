@@ -147,10 +147,7 @@ def _positive(text: str) -> int:
 
 
 def _folds(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    value = _count(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"{value} fold{'s' if value != 1 else ''} cannot cross-validate; give 2 or more")
     return value

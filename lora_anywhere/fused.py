@@ -193,5 +193,9 @@ def explicit_padding(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, list[in
 
 
 def conv_lora(layer: Any, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    unbatched = x.dim() == weight.dim() - 1  # (C, L…), which torch's convs accept
+    if unbatched:
+        x = x.unsqueeze(0)
     x, padding = explicit_padding(layer, x)
-    return _apply(FusedConvLoRA, x, weight, layer.bias, a, b, rest=(scale, list(layer.stride), padding, list(layer.dilation)))
+    y = _apply(FusedConvLoRA, x, weight, layer.bias, a, b, rest=(scale, list(layer.stride), padding, list(layer.dilation)))
+    return y.squeeze(0) if unbatched else y

@@ -461,3 +461,18 @@ def test_both_paths_under_autocast(layer, x):
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0.05, atol=0.05)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(grad, results[1][1][name], rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize(
+    ("layer", "x"),
+    [
+        (lambda: nn.Conv1d(4, 6, 3, padding="same", padding_mode="reflect"), torch.randn(4, 9)),
+        (lambda: nn.Conv2d(4, 6, 3, stride=2), torch.randn(4, 7, 7)),
+        (lambda: nn.Conv2d(4, 6, 3, groups=2), torch.randn(4, 7, 7)),
+        (lambda: nn.Conv3d(2, 3, 2), torch.randn(2, 4, 4, 4)),
+    ],
+)
+def test_conv_on_unbatched_inputs(layer, x):
+    """torch's convs take (C, L…) without a batch dimension; so must both paths."""
+    check_exact(layer, (x,), rank=2, path="activation")
+    _paths_agree(layer, (x,), rank=2)

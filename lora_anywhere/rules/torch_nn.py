@@ -97,7 +97,8 @@ class ConvRule(Rule):
         return layer.groups == 1
 
     def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
-        positions = x.numel() // max(x.shape[1], 1) // math.prod(layer.stride)
+        channels = x.shape[-len(layer.kernel_size) - 1]  # batched or not
+        positions = x.numel() // max(channels, 1) // math.prod(layer.stride)
         return many_rows(positions, weight.shape[0], weight[0].numel())
 
     def forward(self, layer, weight, terms, x):  # type: ignore[override]

@@ -235,7 +235,7 @@ class LayerAdapter(nn.Module):
             autocast = autocast_dtype(w.device.type) is not None
             with torch.autocast(w.device.type, enabled=False) if autocast else contextlib.nullcontext():
                 return torch.addmm(w.view(b.shape[0], -1), b, a, alpha=scale).view(w.shape)
-        return w + self.tensor_delta(owner, tensor, w)
+        return w + self._blocks_delta(blocks, w)
 
     def _addmm_factors(self, t: ResolvedTarget, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         if self.dora or not block.is_contiguous():
@@ -244,11 +244,8 @@ class LayerAdapter(nn.Module):
         a, b = f.pair()
         return (a, b, f.scale) if a.dtype == block.dtype else None
 
-    def tensor_delta(self, owner: str, tensor: str, like: torch.Tensor) -> torch.Tensor | None:
-        """ΔW for one tensor, in its full shape, or None if this adapter does not touch it."""
-        blocks = [t for t in self.targets.values() if t.owner == owner and t.tensor == tensor]
-        if not blocks:
-            return None
+    def _blocks_delta(self, blocks: list[ResolvedTarget], like: torch.Tensor) -> torch.Tensor:
+        """ΔW in the full shape of `like`, from this adapter's targets on that tensor."""
         if len(blocks) == 1 and blocks[0].rows is None:
             return self.block_delta(blocks[0], like)
         # Row blocks (q, k, v of a packed projection): zeros where nothing is adapted.

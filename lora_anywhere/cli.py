@@ -124,12 +124,17 @@ def _add_model_args(p: argparse.ArgumentParser, *, weights: bool) -> None:
         p.add_argument("--weights", metavar="FILE", help="pretrained base weights (.safetensors or a torch state_dict) the adapter was trained on")
 
 
-def _count(text: str) -> int:
-    """An integer ≥ 0 (argparse reports anything else as a usage error)."""
+def _whole(text: str) -> int:
+    """An integer (argparse reports anything else as a usage error)."""
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _count(text: str) -> int:
+    """An integer ≥ 0."""
+    value = _whole(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
     return value
@@ -137,10 +142,7 @@ def _count(text: str) -> int:
 
 def _positive(text: str) -> int:
     """An integer ≥ 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not positive; give 1 or more")
     return value

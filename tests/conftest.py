@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
 
 _COVERAGE: list[tuple[str, str, float, int]] = []
 
@@ -35,3 +36,14 @@ def _quiet_known_warnings():
         warnings.filterwarnings("ignore", message=".*weight_norm.*deprecated.*")
         warnings.filterwarnings("ignore", message=".*not supported with oneDNN.*")
         yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's
+    spinning threads make them many times slower. Modules that train use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,7 +9,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-import torch
 
 from lora_anywhere.cli import main
 from lora_anywhere.io import read_adapter
@@ -20,12 +19,7 @@ DATA = ROOT / "examples" / "data"
 FAST = ["--ranks", "1,4", "--folds", "2", "--epochs", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def table_rows(printed: str) -> list[list[str]]:

@@ -17,7 +17,8 @@ runs at exactly the base model's speed.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -96,22 +97,25 @@ def _weight_path_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         del self.__dict__[_CACHE]
 
 
-def _save_to_state_dict(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+@contextlib.contextmanager
+def _raw_tensors(module: nn.Module) -> Iterator[None]:
     # A class may save through its attributes (PyG's Linear reads self.weight): it
-    # must store the base tensor, never W + ΔW, or a reload would add ΔW twice.
-    self.__dict__[_RAW] = True
+    # must store and load the base tensor, never W + ΔW, or a reload would add ΔW twice.
+    module.__dict__[_RAW] = True
     try:
-        type(self).__lora_base__._save_to_state_dict(self, *args, **kwargs)
+        yield
     finally:
-        del self.__dict__[_RAW]
+        del module.__dict__[_RAW]
+
+
+def _save_to_state_dict(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+    with _raw_tensors(self):
+        type(self).__lora_base__._save_to_state_dict(self, *args, **kwargs)
 
 
 def _load_from_state_dict(self: nn.Module, *args: Any, **kwargs: Any) -> None:
-    self.__dict__[_RAW] = True
-    try:
+    with _raw_tensors(self):
         type(self).__lora_base__._load_from_state_dict(self, *args, **kwargs)
-    finally:
-        del self.__dict__[_RAW]
 
 
 def _reduce(self: nn.Module, protocol: int) -> Any:

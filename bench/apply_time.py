@@ -55,16 +55,42 @@ def main() -> None:
         applies, merges = [], []
         for _ in range(5):
             fresh = copy.deepcopy(base)
-            applies.append(timed(lambda: la.apply(fresh, rank=8)))
-            merges.append(timed(lambda: la.merge(fresh)))
+            applies.append(timed(lambda: la.apply(fresh, rank=8)))  # noqa: B023 (called at once)
+            merges.append(timed(lambda: la.merge(fresh)))  # noqa: B023 (called at once)
         summary = la.summary(la.apply(copy.deepcopy(base), rank=8))
-        row = {"model": name, "params": params, "apply_ms": 1000 * statistics.median(applies), "merge_ms": 1000 * statistics.median(merges), "coverage": summary.coverage}
-        print(f"{name:<30} {params / 1e6:6.1f} M params  apply {row['apply_ms']:6.1f} ms  merge {row['merge_ms']:6.1f} ms  coverage {row['coverage']:.1%}", flush=True)
+        row = {
+            "model": name,
+            "params": params,
+            "apply_ms": 1000 * statistics.median(applies),
+            "merge_ms": 1000 * statistics.median(merges),
+            "coverage": summary.coverage,
+        }
+        print(
+            f"{name:<30} {params / 1e6:6.1f} M params  apply {row['apply_ms']:6.1f} ms  merge {row['merge_ms']:6.1f} ms  coverage {row['coverage']:.1%}",
+            flush=True,
+        )
         rows.append(row)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "python": sys.version.split()[0], "rank": 8}
-    lines = [f"`apply(model, rank=8)` and `merge`, median of 5 on fresh copies. {meta}", "", "| model | parameters | apply | merge | weights adapted |", "|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['params'] / 1e6:.1f} M | {r['apply_ms']:.0f} ms | {r['merge_ms']:.0f} ms | {r['coverage']:.1%} |" for r in rows]
-    for file, text in (("apply_time.json", json.dumps({"meta": meta, "results": rows}, indent=2)), ("apply_time.md", "\n".join(lines) + "\n")):
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
+        "rank": 8,
+    }
+    lines = [
+        f"`apply(model, rank=8)` and `merge`, median of 5 on fresh copies. {meta}",
+        "",
+        "| model | parameters | apply | merge | weights adapted |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['model']} | {r['params'] / 1e6:.1f} M | {r['apply_ms']:.0f} ms | {r['merge_ms']:.0f} ms | {r['coverage']:.1%} |"
+        for r in rows
+    ]
+    for file, text in (
+        ("apply_time.json", json.dumps({"meta": meta, "results": rows}, indent=2)),
+        ("apply_time.md", "\n".join(lines) + "\n"),
+    ):
         with atomic_file(RESULTS / file) as tmp:
             tmp.write_text(text)
     print("\n".join(lines))

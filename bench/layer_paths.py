@@ -6,7 +6,7 @@ measurements behind ``path="auto"``.
 For Linear and Conv2d shapes taken from the benchmark models (ResNet-50 at 160 px,
 ViT-S, GCN, Conformer), time forward + backward of: the frozen layer with an input
 that needs a gradient (the floor: what BitFit pays per layer), full fine-tuning, and
-rank-8 LoRA on the weight path and on the activation path. Contenders are
+rank-8 LoRA on the weight route and on the activation route. Contenders are
 interleaved and the median is reported. Writes bench/results/layer_paths.{md,json}.
 """
 
@@ -39,10 +39,20 @@ LINEARS = [
     ("Conformer FFN 80→256", lambda: nn.Linear(80, 256), (4 * 200, 80)),
 ]
 CONVS = [  # ResNet-50 at 160 px, batch 8: (in, out, kernel, stride, input size)
-    (64, 64, 1, 1, 40), (64, 64, 3, 1, 40), (64, 256, 1, 1, 40), (256, 64, 1, 1, 40),
-    (128, 128, 3, 1, 20), (128, 512, 1, 1, 20), (512, 128, 1, 1, 20), (256, 512, 1, 2, 40),
-    (256, 256, 3, 1, 10), (256, 1024, 1, 1, 10), (1024, 256, 1, 1, 10),
-    (512, 512, 3, 1, 5), (512, 2048, 1, 1, 5), (2048, 512, 1, 1, 5),
+    (64, 64, 1, 1, 40),
+    (64, 64, 3, 1, 40),
+    (64, 256, 1, 1, 40),
+    (256, 64, 1, 1, 40),
+    (128, 128, 3, 1, 20),
+    (128, 512, 1, 1, 20),
+    (512, 128, 1, 1, 20),
+    (256, 512, 1, 2, 40),
+    (256, 256, 3, 1, 10),
+    (256, 1024, 1, 1, 10),
+    (1024, 256, 1, 1, 10),
+    (512, 512, 3, 1, 5),
+    (512, 2048, 1, 1, 5),
+    (2048, 512, 1, 1, 5),
 ]
 
 
@@ -58,8 +68,8 @@ def compare(label: str, layer: nn.Module, x: torch.Tensor, repeats: int, rank: i
     contenders = {
         "floor": copy.deepcopy(layer).requires_grad_(False),
         "full fine-tuning": copy.deepcopy(layer),
-        "weight path": la.apply(copy.deepcopy(layer), rank=rank, path="weight"),
-        "activation path": la.apply(copy.deepcopy(layer), rank=rank, path="activation"),
+        "weight route": la.apply(copy.deepcopy(layer), rank=rank, path="weight"),
+        "activation route": la.apply(copy.deepcopy(layer), rank=rank, path="activation"),
     }
     auto = la.apply(copy.deepcopy(layer), rank=rank)
     times: dict[str, list[float]] = {k: [] for k in contenders}
@@ -91,10 +101,22 @@ def main() -> None:
     ]
     for label, layer, x in cases:
         row = compare(label, layer, x, repeats, args.rank)
-        print(f"{label:<36} floor {row['floor_ms']:7.2f} ms  " + "  ".join(f"{k} {v:.2f}×" for k, v in row["ratios"].items() if k != "floor") + f"  auto: {row['auto']}", flush=True)
+        print(
+            f"{label:<36} floor {row['floor_ms']:7.2f} ms  "
+            + "  ".join(f"{k} {v:.2f}×" for k, v in row["ratios"].items() if k != "floor")
+            + f"  auto: {row['auto']}",
+            flush=True,
+        )
         rows.append(row)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "python": sys.version.split()[0], "rank": args.rank, "repeats": repeats}
-    names = ["full fine-tuning", "weight path", "activation path"]
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
+        "rank": args.rank,
+        "repeats": repeats,
+    }
+    names = ["full fine-tuning", "weight route", "activation route"]
     lines = [
         f"One layer's forward + backward, median of {repeats} interleaved runs, relative to the frozen layer (input gradient only). {meta}",
         "",
@@ -102,11 +124,14 @@ def main() -> None:
         "|---|---|" + "---|" * len(names) + "---|",
     ]
     for r in rows:
-        best = min(("weight path", "activation path"), key=lambda k: r["ratios"][k])
+        best = min(("weight route", "activation route"), key=lambda k: r["ratios"][k])
         cells = [f"**{r['ratios'][n]:.2f}×**" if n == best else f"{r['ratios'][n]:.2f}×" for n in names]
         lines.append(f"| {r['layer']} | {r['floor_ms']:.2f} ms | " + " | ".join(cells) + f" | {r['auto']} |")
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("layer_paths.json", json.dumps({"meta": meta, "results": rows}, indent=2)), ("layer_paths.md", "\n".join(lines) + "\n")):
+    for name, text in (
+        ("layer_paths.json", json.dumps({"meta": meta, "results": rows}, indent=2)),
+        ("layer_paths.md", "\n".join(lines) + "\n"),
+    ):
         with atomic_file(args.out / name) as tmp:
             tmp.write_text(text)
     print("\n".join(lines))

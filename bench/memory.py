@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-import lora_anywhere as la  # noqa: E402
 from train_step import RESULTS, Case, bitfit, cases, peft_lora  # noqa: E402
+
+import lora_anywhere as la  # noqa: E402
 
 
 def saved_bytes(model: nn.Module, case: Case, inputs: tuple) -> int:
@@ -59,7 +60,7 @@ def contenders(rank: int, with_peft: bool) -> dict[str, Callable[[nn.Module], nn
         "BitFit floor": bitfit,
         "lora_anywhere": lambda m: la.apply(m, rank=rank),
         "lora_anywhere, LoRA-FA (freeze_a)": lambda m: la.apply(m, rank=rank, freeze_a=True),
-        "lora_anywhere, weight path": lambda m: la.apply(m, rank=rank, path="weight"),
+        "lora_anywhere, weight route": lambda m: la.apply(m, rank=rank, path="weight"),
     }
     if with_peft:
         makers["PEFT LoRA"] = lambda m: peft_lora(m, rank)
@@ -94,7 +95,14 @@ def main() -> None:
         results.append({"case": case.name, "note": case.note, "contenders": row})
         print(f"== {case.name} ({case.note})")
         for name, r in row.items():
-            print(f"   {name:<36} " + (r["error"] if "error" in r else f"{r['total_mb']:8.1f} MB (activations {r['saved_activation_mb']:.1f}, trainable state {r['trainable_state_mb']:.1f})"))
+            print(
+                f"   {name:<36} "
+                + (
+                    r["error"]
+                    if "error" in r
+                    else f"{r['total_mb']:8.1f} MB (activations {r['saved_activation_mb']:.1f}, trainable state {r['trainable_state_mb']:.1f})"
+                )
+            )
     names = list(results[0]["contenders"])
     lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for r in results:
@@ -103,7 +111,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "memory_quick" if args.quick else "memory"
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    (args.out / f"{stem}.md").write_text("Training memory beyond the frozen weights: saved activations + gradients and AdamW state of trainable parameters (counted).\n\n" + "\n".join(lines) + "\n")
+    (args.out / f"{stem}.md").write_text(
+        "Training memory beyond the frozen weights: saved activations + gradients and AdamW state of trainable parameters (counted).\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
     print("\n".join(lines))
 
 

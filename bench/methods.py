@@ -36,14 +36,15 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-import lora_anywhere as la  # noqa: E402
-from lora_anywhere.atomic import atomic_file  # noqa: E402
-from lora_anywhere.demo import DOMAINS  # noqa: E402
-from lora_anywhere.demo.common import FULL, HEAD, LORA, Data, Domain, count_trainable, fit, full_training, head_only  # noqa: E402
-from lora_anywhere.tasks import LoaderSpec, get_task  # noqa: E402
-from lora_anywhere.trainer import Trainer  # noqa: E402
 from memory import step_saved_bytes, trainable_state_bytes  # noqa: E402
 from train_step import RESULTS  # noqa: E402
+
+import lora_anywhere as la  # noqa: E402
+from lora_anywhere.atomic import atomic_file  # noqa: E402
+from lora_anywhere.cli.demo import DOMAINS  # noqa: E402
+from lora_anywhere.cli.demo.common import FULL, HEAD, LORA, Data, Domain, count_trainable, fit, full_training, head_only  # noqa: E402
+from lora_anywhere.training.tasks import LoaderSpec, get_task  # noqa: E402
+from lora_anywhere.training.trainer import Trainer  # noqa: E402
 
 #: The LoRA variants, as keyword arguments of `apply` on top of the demo's.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -60,7 +61,9 @@ METHODS = (*VARIANTS, *REFERENCES)
 def adapt(domain: Domain, method: str, model: nn.Module) -> nn.Module:
     """`model` (the pretrained base with a new head) made ready to train by `method`."""
     if method in VARIANTS:
-        return la.apply(model, rank=domain.rank, targets=domain.targets, trainable=[domain.head, *domain.lora_trainable], **VARIANTS[method])
+        return la.apply(
+            model, rank=domain.rank, targets=domain.targets, trainable=[domain.head, *domain.lora_trainable], **VARIANTS[method]
+        )
     if REFERENCES[method] == HEAD:
         return head_only(model, domain.head)
     return full_training(model)
@@ -97,7 +100,7 @@ def train_b(domain: Domain, model: nn.Module, data: Data, *, method: str, epochs
 
 
 def run_domain(name: str, *, quick: bool, seeds: int, say: Callable[[str], None]) -> dict[str, Any]:
-    domain: Domain = importlib.import_module(f"lora_anywhere.demo.{name}").DOMAIN
+    domain: Domain = importlib.import_module(f"lora_anywhere.cli.demo.{name}").DOMAIN
     data_a, data_b = domain.data_a(quick), domain.data_b(quick)
     epochs_a = max(2, domain.epochs_a // 4) if quick else domain.epochs_a
     epochs_b = max(2, domain.epochs_b // 4) if quick else domain.epochs_b
@@ -183,7 +186,9 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
             else:
                 acc = f"{r['accuracy_mean']:.3f}" + (f" [{r['accuracy_min']:.3f}, {r['accuracy_max']:.3f}]" if seeds > 1 else "")
                 mem = f"{r['total_kb']:,.0f} KiB ({r['saved_activation_kb']:,.0f} + {r['trainable_state_kb']:,.0f})"
-                lines.append(f"| {label} | {method} | {acc} | {r['val_loss_mean']:.3f} | {r['trainable_params']:,} | {mem} | {r['train_seconds_mean']:.1f} s |")
+                lines.append(
+                    f"| {label} | {method} | {acc} | {r['val_loss_mean']:.3f} | {r['trainable_params']:,} | {mem} | {r['train_seconds_mean']:.1f} s |"
+                )
             label = ""
     return "\n".join(lines) + "\n"
 
@@ -198,9 +203,18 @@ def main() -> None:
     args = parser.parse_args()
     seeds = args.seeds or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "python": sys.version.split()[0], "quick": args.quick, "seeds": seeds}
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
+        "quick": args.quick,
+        "seeds": seeds,
+    }
     start = time.perf_counter()
-    results = [run_domain(name, quick=args.quick, seeds=seeds, say=lambda line: print(line, flush=True)) for name in args.domains.split(",")]
+    results = [
+        run_domain(name, quick=args.quick, seeds=seeds, say=lambda line: print(line, flush=True)) for name in args.domains.split(",")
+    ]
     meta["total_seconds"] = round(time.perf_counter() - start)
     stem = "methods_quick" if args.quick else "methods"
     with atomic_file(args.out / f"{stem}.json") as tmp:

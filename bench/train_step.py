@@ -64,15 +64,65 @@ def cases(quick: bool) -> list[Case]:
     seconds = 0.5 if quick else 1.0
     nodes, edges = (5_000, 50_000) if quick else (20_000, 200_000)
     return [
-        Case("resnet50", lambda: torchvision.models.resnet50(num_classes=10), lambda: (torch.randn(8, 3, px, px),), _classify, f"{px} px, batch 8"),
-        Case("mobilenet_v3_large", lambda: torchvision.models.mobilenet_v3_large(num_classes=10), lambda: (torch.randn(8, 3, px, px),), _classify, f"{px} px, batch 8"),
-        Case("vit_small", lambda: timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10, img_size=vit_px), lambda: (torch.randn(8, 3, vit_px, vit_px),), _classify, f"{vit_px} px, batch 8"),
-        Case("swin_tiny", lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, img_size=vit_px), lambda: (torch.randn(4, 3, vit_px, vit_px),), _classify, f"{vit_px} px, batch 4"),
-        Case("wav2vec2_base", lambda: torchaudio.models.wav2vec2_base(aux_num_out=10), lambda: (torch.randn(2, int(16000 * seconds)),), _classify, f"{seconds:g} s audio, batch 2"),
-        Case("conformer", lambda: ConformerClassifier(), lambda: (torch.randn(4, 200, 80), torch.full((4,), 200)), _classify, "4 × 200 frames"),
-        Case("gcn", lambda: GCN(128, 256, num_layers=3, out_channels=10), lambda: _graph(nodes, edges), _classify, f"{nodes // 1000}k nodes, {edges // 1000}k edges"),
-        Case("gat", lambda: GAT(128, 64, num_layers=3, out_channels=10, heads=4), lambda: _graph(nodes, edges), _classify, f"{nodes // 1000}k nodes, {edges // 1000}k edges"),
-        Case("lstm_tagger", lambda: LSTMTagger(), lambda: (torch.randint(0, 5000, (16, 64)),), _classify, "2-layer BiLSTM 256, 16×64 tokens"),
+        Case(
+            "resnet50",
+            lambda: torchvision.models.resnet50(num_classes=10),
+            lambda: (torch.randn(8, 3, px, px),),
+            _classify,
+            f"{px} px, batch 8",
+        ),
+        Case(
+            "mobilenet_v3_large",
+            lambda: torchvision.models.mobilenet_v3_large(num_classes=10),
+            lambda: (torch.randn(8, 3, px, px),),
+            _classify,
+            f"{px} px, batch 8",
+        ),
+        Case(
+            "vit_small",
+            lambda: timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10, img_size=vit_px),
+            lambda: (torch.randn(8, 3, vit_px, vit_px),),
+            _classify,
+            f"{vit_px} px, batch 8",
+        ),
+        Case(
+            "swin_tiny",
+            lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, img_size=vit_px),
+            lambda: (torch.randn(4, 3, vit_px, vit_px),),
+            _classify,
+            f"{vit_px} px, batch 4",
+        ),
+        Case(
+            "wav2vec2_base",
+            lambda: torchaudio.models.wav2vec2_base(aux_num_out=10),
+            lambda: (torch.randn(2, int(16000 * seconds)),),
+            _classify,
+            f"{seconds:g} s audio, batch 2",
+        ),
+        Case(
+            "conformer",
+            lambda: ConformerClassifier(),
+            lambda: (torch.randn(4, 200, 80), torch.full((4,), 200)),
+            _classify,
+            "4 × 200 frames",
+        ),
+        Case(
+            "gcn",
+            lambda: GCN(128, 256, num_layers=3, out_channels=10),
+            lambda: _graph(nodes, edges),
+            _classify,
+            f"{nodes // 1000}k nodes, {edges // 1000}k edges",
+        ),
+        Case(
+            "gat",
+            lambda: GAT(128, 64, num_layers=3, out_channels=10, heads=4),
+            lambda: _graph(nodes, edges),
+            _classify,
+            f"{nodes // 1000}k nodes, {edges // 1000}k edges",
+        ),
+        Case(
+            "lstm_tagger", lambda: LSTMTagger(), lambda: (torch.randint(0, 5000, (16, 64)),), _classify, "2-layer BiLSTM 256, 16×64 tokens"
+        ),
     ]
 
 
@@ -128,7 +178,7 @@ def contenders(case: Case, rank: int, with_peft: bool) -> list[Contender]:
         "full fine-tuning": lambda m: m,
         "BitFit floor": bitfit,
         "lora_anywhere": lambda m: la.apply(m, rank=rank),
-        "lora_anywhere, weight path": lambda m: la.apply(m, rank=rank, path="weight"),
+        "lora_anywhere, weight route": lambda m: la.apply(m, rank=rank, path="weight"),
     }
     if with_peft:
         makers["PEFT LoRA"] = lambda m: peft_lora(m, rank)
@@ -225,7 +275,9 @@ def inference_markdown(results: list[dict]) -> str:
     lines = ["| model | base forward | unmerged | merged | apply |", "|---|---|---|---|---|"]
     for r in results:
         i = r["inference"]
-        lines.append(f"| {r['case']} | {i['base_ms']:.0f} ms | {i['unmerged_ratio']:.2f}× | {i['merged_ratio']:.2f}× | {i['apply_ms']:.0f} ms |")
+        lines.append(
+            f"| {r['case']} | {i['base_ms']:.0f} ms | {i['unmerged_ratio']:.2f}× | {i['merged_ratio']:.2f}× | {i['apply_ms']:.0f} ms |"
+        )
     return "\n".join(lines)
 
 
@@ -260,7 +312,11 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller inputs and fewer repeats (a few minutes)")
-    parser.add_argument("--models", default=None, help="comma-separated subset of: resnet50, mobilenet_v3_large, vit_small, swin_tiny, wav2vec2_base, conformer, gcn, gat, lstm_tagger")
+    parser.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated subset of: resnet50, mobilenet_v3_large, vit_small, swin_tiny, wav2vec2_base, conformer, gcn, gat, lstm_tagger",
+    )
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--no-peft", action="store_true")
@@ -279,9 +335,23 @@ def main() -> None:
         result = run_case(case, args.rank, repeats, with_peft=not args.no_peft)
         result["inference"] = inference(case, args.rank, repeats)
         for name, row in result["contenders"].items():
-            print(f"   {name:<28} " + (f"refuses: {row['error']}" if "error" in row else f"{row['ratio_to_floor']:.2f}× floor ({1000 * row['median_s']:.0f} ms)"), flush=True)
+            print(
+                f"   {name:<28} "
+                + (
+                    f"refuses: {row['error']}"
+                    if "error" in row
+                    else f"{row['ratio_to_floor']:.2f}× floor ({1000 * row['median_s']:.0f} ms)"
+                ),
+                flush=True,
+            )
         results.append(result)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "python": sys.version.split()[0], "quick": args.quick}
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
+        "quick": args.quick,
+    }
     with atomic_file(args.out / f"{stem}.json") as tmp:
         tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     text = (

@@ -1,14 +1,12 @@
 """lora_anywhere: exact, fast LoRA adapters for any PyTorch model.
 
-    import lora_anywhere as la
-    la.apply(model, rank=8)          # adapters on every layer a rule knows; base frozen
-    ...train...
-    la.save_adapter(model, "adapter/")
-    la.load_adapter(base_model, "adapter/")
-    la.merge(model); la.remove(model)
+import lora_anywhere as la
+la.apply(model, rank=8)          # adapters on every layer a rule knows; base frozen
+...train...
+la.save_adapter(model, "adapter/")
+la.load_adapter(base_model, "adapter/")
+la.merge(model); la.remove(model)
 """
-
-__version__ = "0.1.0"
 
 from .api import adapter_names, apply, merge, remove, unmerge
 from .errors import (
@@ -23,13 +21,17 @@ from .errors import (
 )
 from .hookspecs import hookimpl
 from .io import adapter_state_dict, load_adapter, save_adapter
-from .rank_selection import RankSelection, select_rank
 from .named import active_adapters, combine, delete_adapter, disabled, set_adapter
+from .registry import plugins, register_plugin, unregister_plugin
+from .rule import Rule, Target
 from .rules.torch_nn import ConvRule, LinearRule
-from .registry import Rule, Target, plugins, register_plugin, unregister_plugin
 from .summary import Summary, summary
-from .tasks import Task
-from .trainer import Trainer
+from .training import regularize as regularize  # modules, reached as la.regularize and la.tasks
+from .training import tasks as tasks
+from .training.rank_selection import RankSelection, select_rank
+from .training.tasks import Task
+from .training.trainer import Trainer
+from .version import __version__
 
 __all__ = [
     "__version__",

@@ -15,10 +15,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .fused import autocast_dtype
-from .registry import Rule
+from .kernels import autocast_dtype
+from .rule import Rule
 
-ACTIVATION, WEIGHT = "activation", "weight"
+#: How an adapter reaches a layer's output (its compute route): added on the layer's
+#: activations, or through the weight the layer reads (W + ΔW). Both give the same numbers.
+ROUTE_ACTIVATION, ROUTE_WEIGHT = "activation", "weight"
 
 
 class LowRank(nn.Module):
@@ -32,7 +34,9 @@ class LowRank(nn.Module):
     outputs, removal and loading onto a plain base stay exact.
     """
 
-    def __init__(self, rows: int, cols: int, rank: int, scale: float, *, dtype: torch.dtype, device: torch.device, svd: bool = False) -> None:
+    def __init__(
+        self, rows: int, cols: int, rank: int, scale: float, *, dtype: torch.dtype, device: torch.device, svd: bool = False
+    ) -> None:
         super().__init__()
         self.A = nn.Parameter(torch.empty(rank, cols, dtype=dtype, device=device))
         self.B = nn.Parameter(torch.zeros(rows, rank, dtype=dtype, device=device))
@@ -67,7 +71,7 @@ class LowRank(nn.Module):
 
     def pair(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) such that ΔM = scale · B @ A: with SVD initialisation, the trained and
-        the frozen starting factors stacked, so activation paths stay one projection."""
+        the frozen starting factors stacked, so activation routes stay one projection."""
         if self.A0 is None:
             return self.A, self.B
         return torch.cat([self.A, self.A0]), torch.cat([self.B, -self.B0], dim=1)
@@ -84,13 +88,13 @@ class LowRank(nn.Module):
 
 @dataclass
 class Term:
-    """One adapter's contribution to one module on the activation path:
+    """One adapter's contribution to one module on the activation route:
     ``y += scale · B(A(dropout(x)))``, with A (r × cols) and B (rows × r)."""
 
     a: torch.Tensor
     b: torch.Tensor
     scale: float
-    adapter: "LayerAdapter"
+    adapter: LayerAdapter
 
     @property
     def dropout_active(self) -> bool:
@@ -119,11 +123,24 @@ class ResolvedTarget:
     def full_rank(self) -> int:
         return min(self.matrix_shape)
 
+    def owner_in(self, layer: nn.Module) -> nn.Module:
+        """The module below `layer` that holds this target's tensor (`layer` itself for "")."""
+        return layer.get_submodule(self.owner)
+
+    def parameter_in(self, layer: nn.Module) -> nn.Parameter:
+        """The raw base tensor (never W + ΔW, whatever the owner's class reads)."""
+        return self.owner_in(layer)._parameters[self.tensor]
+
+    def block_in(self, layer: nn.Module) -> torch.Tensor:
+        """The part of the raw base tensor this target adapts: all of it, or its row block."""
+        raw = self.parameter_in(layer)
+        return raw if self.rows is None else raw[self.rows[0] : self.rows[1]]
+
 
 class LayerAdapter(nn.Module):
     """One named adapter on one layer: a `LowRank` per target.
 
-    ``path`` says how it reaches the output: on the activations (the rule's forward)
+    ``route`` says how it reaches the output: on the activations (the rule's forward)
     or on the weight (whoever reads the tensor sees W + ΔW).
     """
 
@@ -170,11 +187,12 @@ class LayerAdapter(nn.Module):
             self.magnitudes[name].copy_(block.reshape(block.shape[0], -1).norm(dim=1))
 
     @property
-    def path(self) -> str:
+    def route(self) -> str:
+        """ "activation", "weight", or "mixed" when some targets take each route."""
         owners = {t.owner for t in self.targets.values()}
         if not self.activation_owners:
-            return WEIGHT
-        return ACTIVATION if owners <= self.activation_owners.keys() else "mixed"
+            return ROUTE_WEIGHT
+        return ROUTE_ACTIVATION if owners <= self.activation_owners.keys() else "mixed"
 
     def activation_rule(self, owner: str) -> Rule:
         return self.activation_owners[owner]
@@ -308,4 +326,4 @@ class LayerAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         state = "merged" if self.merged else ("active" if self.active else "disabled")
-        return f"rule={self.rule.name}, path={self.path}, dropout={self.dropout_p:g}, {state}"
+        return f"rule={self.rule.name}, route={self.route}, dropout={self.dropout_p:g}, {state}"

@@ -8,7 +8,7 @@ The subclass adds, only while some adapter is live:
 * a property per adapted tensor that returns W + ΔW, so every reader sees the adapted
   weight — the layer's own forward, a parent that calls ``F.linear(x, m.weight)``,
   ``nn.MultiheadAttention`` reading ``out_proj.weight``, an RNN's flat weights;
-* on the activation path, a forward that runs the layer on its raw weight and adds
+* on the activation route, a forward that runs the layer on its raw weight and adds
   ``s·B(A(x))``, so no ΔW is materialised and no full weight gradient is computed.
 
 When nothing is live (all merged or disabled) the module gets its own class back and
@@ -28,7 +28,7 @@ from .errors import LoraError
 
 ADAPTERS = "lora_adapters"
 _LAYER = "_lora_layer"  # on a tensor owner: the layer whose adapters apply
-_OWNER_PATH = "_lora_owner_path"  # on a tensor owner: its path below that layer
+_OWNER_NAME = "_lora_owner_path"  # on a tensor owner: its dotted name below that layer
 _TIED = "_lora_tied"  # on a layer: modules outside it that hold one of its adapted tensors
 _RULE = "_lora_rule"  # on a module whose forward adds adapters on the activations
 _RAW = "_lora_raw"  # on a tensor owner, while its class saves or loads its state
@@ -51,10 +51,10 @@ def effective_tensor(owner: nn.Module, tensor: str, *, include_activation: bool 
     those the owner's own forward adds on the activations, if asked)."""
     w = owner._parameters[tensor]
     layer = owner.__dict__[_LAYER]
-    path = owner.__dict__[_OWNER_PATH]
+    owner_name = owner.__dict__[_OWNER_NAME]
     for adapter in layer._modules[ADAPTERS].values():
-        if adapter.live and (include_activation or path not in adapter.activation_owners):
-            w = adapter.add_to(path, tensor, w)
+        if adapter.live and (include_activation or owner_name not in adapter.activation_owners):
+            w = adapter.add_to(owner_name, tensor, w)
     return w
 
 
@@ -74,17 +74,21 @@ def _tensor_property(tensor: str) -> property:
 
 
 def _adapted_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    layer, path, rule = self.__dict__[_LAYER], self.__dict__[_OWNER_PATH], self.__dict__[_RULE]
+    layer, owner_name, rule = self.__dict__[_LAYER], self.__dict__[_OWNER_NAME], self.__dict__[_RULE]
     weight = effective_tensor(self, "weight", include_activation=False)
-    adapters = [a for a in layer._modules[ADAPTERS].values() if a.live and path in a.activation_owners]
-    if not torch.is_grad_enabled() and not any(a.dropout_active for a in adapters) and rule.weight_cheaper_without_grad(self, weight, *args, **kwargs):
+    adapters = [a for a in layer._modules[ADAPTERS].values() if a.live and owner_name in a.activation_owners]
+    if (
+        not torch.is_grad_enabled()
+        and not any(a.dropout_active for a in adapters)
+        and rule.weight_cheaper_without_grad(self, weight, *args, **kwargs)
+    ):
         # No gradient to pay for: the layer's own forward reads W + ΔW (the property).
         return type(self).__lora_base__.forward(self, *args, **kwargs)
-    terms = [a.activation_term(path, weight.shape[0]) for a in adapters]
+    terms = [a.activation_term(owner_name, weight.shape[0]) for a in adapters]
     return rule.forward(self, weight, terms, *args, **kwargs)
 
 
-def _weight_path_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+def _weight_route_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     # A forward may read its weight many times (HeteroLinear reads weight[t] once per
     # type): form W + ΔW once per call. A compiled graph dedupes the reads itself.
     forward = type(self).__lora_base__.forward
@@ -143,7 +147,7 @@ def adapted_class(base: type, tensors: tuple[str, ...], forward: bool) -> type:
             _save_to_state_dict=_save_to_state_dict,
             _load_from_state_dict=_load_from_state_dict,
         )
-        namespace["forward"] = _adapted_forward if forward else _weight_path_forward
+        namespace["forward"] = _adapted_forward if forward else _weight_route_forward
         cls = type(base.__name__, (base,), namespace)
         _CLASSES[key] = cls
     return cls
@@ -166,8 +170,8 @@ def record_ties(layer: nn.Module, holders: dict[int, list[tuple[nn.Module, str]]
     tied: list[tuple[nn.Module, str, str]] = list(layer.__dict__.get(_TIED, ()))
     for adapter in layer_adapters(layer).values():
         for t in adapter.targets.values():
-            owner = layer.get_submodule(t.owner) if t.owner else layer
-            for module, name in holders.get(id(owner._parameters[t.tensor]), ()):
+            owner = t.owner_in(layer)
+            for module, name in holders.get(id(t.parameter_in(layer)), ()):
                 if module is owner or any(m is module for m, _, _ in tied):
                     continue
                 if name != t.tensor or module.__dict__.get(_LAYER, layer) is not layer:
@@ -185,42 +189,42 @@ def refresh(layer: nn.Module) -> None:
     adapters = layer_adapters(layer)
     live = [a for a in adapters.values() if a.live]
     owners: dict[str, set[str]] = {t.owner: set() for a in adapters.values() for t in a.targets.values()}
-    for path, module in layer.named_modules():  # owners swapped earlier, to reset
+    for owner_name, module in layer.named_modules():  # owners swapped earlier, to reset
         if module.__dict__.get(_LAYER) is layer:
-            owners.setdefault(path, set())
+            owners.setdefault(owner_name, set())
     for adapter in live:
         for t in adapter.targets.values():
             owners[t.owner].add(t.tensor)
     owners.setdefault("", set())
-    for path, tensors in owners.items():
-        owner = layer.get_submodule(path) if path else layer
+    for owner_name, tensors in owners.items():
+        owner = layer.get_submodule(owner_name)
         base = base_class(owner)
         # A forward on the activations reads the raw weight itself; other readers of
         # `weight` (a parent calling F.linear on it) still see W + ΔW via the property.
-        forward = any(path in a.activation_owners for a in live)
+        forward = any(owner_name in a.activation_owners for a in live)
         names = tuple(sorted(tensors | ({"weight"} if forward else set())))
         if names:
             owner.__class__ = adapted_class(base, names, forward)
             owner.__dict__[_LAYER] = layer
-            owner.__dict__[_OWNER_PATH] = path
+            owner.__dict__[_OWNER_NAME] = owner_name
             if forward:
-                owner.__dict__[_RULE] = next(a.activation_rule(path) for a in live if path in a.activation_owners)
+                owner.__dict__[_RULE] = next(a.activation_rule(owner_name) for a in live if owner_name in a.activation_owners)
             else:
                 owner.__dict__.pop(_RULE, None)
         else:
             owner.__class__ = base
-            for key in (_LAYER, _OWNER_PATH, _RULE):
+            for key in (_LAYER, _OWNER_NAME, _RULE):
                 owner.__dict__.pop(key, None)
     live_tensors = {(t.owner, t.tensor) for a in live for t in a.targets.values()}
-    for module, path, tensor in layer.__dict__.get(_TIED, ()):
-        if (path, tensor) in live_tensors:
+    for module, owner_name, tensor in layer.__dict__.get(_TIED, ()):
+        if (owner_name, tensor) in live_tensors:
             module.__class__ = adapted_class(base_class(module), (tensor,), False)
             module.__dict__[_LAYER] = layer
-            module.__dict__[_OWNER_PATH] = path
+            module.__dict__[_OWNER_NAME] = owner_name
         else:
             module.__class__ = base_class(module)
             module.__dict__.pop(_LAYER, None)
-            module.__dict__.pop(_OWNER_PATH, None)
+            module.__dict__.pop(_OWNER_NAME, None)
     if not adapters:
         layer.__dict__.pop(_TIED, None)
         if ADAPTERS in layer._modules:

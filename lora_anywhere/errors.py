@@ -31,3 +31,27 @@ class AdapterFileError(LoraError):
 
 class ShapeMismatchError(LoraError):
     """A saved adapter does not fit the model it is loaded onto."""
+
+
+class PluginError(LoraError):
+    """A plugin cannot be registered or unregistered as asked."""
+
+
+class TaskError(LoraError):
+    """A task name is unknown, or the data cannot be split as the task needs."""
+
+
+class ConfigError(LoraError):
+    """A config file, a trainer option or a command-line model description cannot be used as it is."""
+
+
+class DataSpecError(ConfigError):
+    """The [data] section of a config, or the files it points at, cannot be used."""
+
+
+class DemoError(LoraError):
+    """A domain's exactness check failed, or the demo was asked for something it lacks."""
+
+
+class NonFiniteLossError(LoraError, FloatingPointError):
+    """The loss became NaN or infinite; training stopped before the bad step was taken."""

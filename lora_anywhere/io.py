@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -17,11 +16,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import attach
-from .api import LayerPlan, activation_owners, install, model_state, remove, resolve_targets
+from .adapter_config import FORMAT, READABLE_FORMATS, AdapterConfig
+from .api import install, remove
 from .atomic import atomic_dir
-from .config import FORMAT, AdapterConfig
-from .errors import AdapterFileError, NotAdaptedError, ShapeMismatchError
+from .errors import AdapterFileError, AlreadyAdaptedError, NotAdaptedError, ShapeMismatchError
+from .plan import LayerPlan, activation_owners, resolve_targets
 from .registry import registry
+from .state import model_state
 
 CONFIG_FILE = "adapter_config.json"
 TENSORS_FILE = "adapter_model.safetensors"
@@ -86,11 +87,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torc
             raise AdapterFileError(f"{folder} has no {file}: {how}")
     try:
         data = json.loads((folder / CONFIG_FILE).read_text())
-        if data.get("format") != FORMAT:
-            raise ValueError(f"format {data.get('format')!r}, expected {FORMAT!r}")
+        if data.get("format") not in READABLE_FORMATS:
+            raise ValueError(f"format {data.get('format')!r}, expected one of {', '.join(READABLE_FORMATS)}")
         config = AdapterConfig.from_json(data)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise AdapterFileError(f"{folder / CONFIG_FILE} is not a valid lora_anywhere adapter config ({exc}); save the adapter again") from exc
+        raise AdapterFileError(
+            f"{folder / CONFIG_FILE} is not a valid lora_anywhere adapter config ({exc}); save the adapter again"
+        ) from exc
     try:
         tensors = load_file(str(folder / TENSORS_FILE))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -108,9 +111,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     if name is not None:
         config.name = name
     if model_state(model) and config.name in model_state(model).adapters:
-        from .errors import AlreadyAdaptedError
-
-        raise AlreadyAdaptedError(f"the model already has an adapter named {config.name!r}; pass name='another' to load it beside, or remove the existing one")
+        raise AlreadyAdaptedError(
+            f"the model already has an adapter named {config.name!r}; pass name='another' to load it beside, or remove the existing one"
+        )
     plans, problems = _plans_from_config(model, config, tensors)
     state_dict = model.state_dict(keep_vars=True)
     for module_name in config.trainable:
@@ -123,7 +126,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
                 problems.append(f"trainable tensor {mkey}: saved {tuple(tensors[key].shape)}, model has {tuple(state_dict[mkey].shape)}")
     if problems:
         shown = "\n  - ".join(problems[:20]) + (f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise ShapeMismatchError(f"the adapter at {path} does not fit this model:\n  - {shown}\nload it onto the model it was trained on (same architecture and sizes)")
+        raise ShapeMismatchError(
+            f"the adapter at {path} does not fit this model:\n  - {shown}\nload it onto the model it was trained on (same architecture and sizes)"
+        )
     install(model, plans, config, config.dropout, initialise=False)
     try:
         with torch.no_grad():
@@ -133,7 +138,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
                     source = tensors.get(f"lora/{layer_name}/{key}")
                     if source is None or source.shape != target.shape:
                         found = "missing" if source is None else f"of shape {tuple(source.shape)}"
-                        raise ShapeMismatchError(f"the adapter at {path}: tensor lora/{layer_name}/{key} is {found}, expected {tuple(target.shape)}; save the adapter again")
+                        raise ShapeMismatchError(
+                            f"the adapter at {path}: tensor lora/{layer_name}/{key} is {found}, expected {tuple(target.shape)}; save the adapter again"
+                        )
                     target.copy_(source)
             for key, value in tensors.items():
                 if key.startswith("trainable/"):
@@ -178,10 +185,8 @@ def _plans_from_config(model: nn.Module, config: AdapterConfig, tensors: dict[st
                 elif tuple(tensors[key].shape) != shape:
                     problems.append(f"tensor {key}: shape {tuple(tensors[key].shape)}, expected {shape}")
             ranks[t.name] = saved.rank
-        # Both paths give the same numbers: keep the saved preference where possible.
-        preference = "auto" if record.path == "mixed" else record.path
+        # Both routes give the same numbers: keep the saved preference where possible.
+        preference = "auto" if record.route == "mixed" else record.route
         activation = activation_owners(preference, layer, resolved, max(ranks.values(), default=1))
         plans.append(LayerPlan(layer_name, layer, rule, resolved, ranks, record.scale, activation))
     return plans, problems
-
-

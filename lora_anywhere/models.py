@@ -29,7 +29,9 @@ def build_model(spec: str, **kwargs: Any) -> nn.Module:
             module = importlib.import_module(prefix)
         except ImportError as exc:
             known = ", ".join(sorted(sources)) or "none (install a domain extra, e.g. lora_anywhere[vision])"
-            raise LoraError(f"model spec {spec!r}: {prefix!r} is neither a model source ({known}) nor an importable module ({exc})") from exc
+            raise LoraError(
+                f"model spec {spec!r}: {prefix!r} is neither a model source ({known}) nor an importable module ({exc})"
+            ) from exc
         try:
             factory = getattr(module, name)
         except AttributeError as exc:
@@ -37,7 +39,9 @@ def build_model(spec: str, **kwargs: Any) -> nn.Module:
         try:
             model = factory(**kwargs)
         except TypeError as exc:
-            raise LoraError(f"model spec {spec!r}: calling {prefix}.{name}() failed ({exc}); point the spec at a callable that builds the model from defaults") from exc
+            raise LoraError(
+                f"model spec {spec!r}: calling {prefix}.{name}() failed ({exc}); point the spec at a callable that builds the model from defaults"
+            ) from exc
     if not isinstance(model, nn.Module):
         raise LoraError(f"model spec {spec!r} built a {type(model).__name__}, not an nn.Module")
     return model

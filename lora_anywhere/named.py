@@ -17,9 +17,10 @@ from torch import nn
 
 from . import attach
 from .adapter import LayerAdapter
-from .api import _shift, adapted_layers, model_state, remove
-from .config import TargetRecord
+from .adapter_config import TargetRecord
+from .api import remove, shift_base
 from .errors import LoraError, NotAdaptedError
+from .state import adapted_layers, model_state
 
 
 def _names(model: nn.Module) -> list[str]:
@@ -40,7 +41,9 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
     for _, layer, adapters in adapted_layers(model):
         for aname, adapter in adapters.items():
             if adapter.merged and aname != name:
-                raise LoraError(f"adapter {aname!r} is merged into the weights; call unmerge(model, {aname!r}) before switching to {name!r}")
+                raise LoraError(
+                    f"adapter {aname!r} is merged into the weights; call unmerge(model, {aname!r}) before switching to {name!r}"
+                )
             adapter.active = aname == name
             adapter.set_trainable(adapter.active, freeze_a=model_state(model).adapters[aname].freeze_a)
         attach.refresh(layer)
@@ -60,7 +63,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         for adapter in adapters.values():
             saved.append((layer, adapter, adapter.active, adapter.merged))
             if adapter.merged:
-                _shift(layer, adapter, -1)
+                shift_base(layer, adapter, -1)
                 adapter.merged = False
             adapter.active = False
         attach.refresh(layer)
@@ -70,7 +73,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         for layer, adapter, active, merged in saved:
             adapter.active = active
             if merged:
-                _shift(layer, adapter, +1)
+                shift_base(layer, adapter, +1)
                 adapter.merged = True
         for layer in {id(layer): layer for layer, *_ in saved}.values():
             attach.refresh(layer)
@@ -91,7 +94,9 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str = "combine
     for n in weights:
         _require(model, n)
         if model_state(model).adapters[n].dora:
-            raise LoraError(f"adapter {n!r} is a DoRA adapter, whose update is not linear in its factors; combine() takes plain LoRA adapters")
+            raise LoraError(
+                f"adapter {n!r} is a DoRA adapter, whose update is not linear in its factors; combine() takes plain LoRA adapters"
+            )
     if name in _names(model):
         raise LoraError(f"the model already has an adapter named {name!r}; choose another name for the combination")
     state = model_state(model)
@@ -106,7 +111,16 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str = "combine
         targets = {t.name: t for a, _ in parts for t in a.targets.values()}
         like = next(iter(parts[0][0].factors.values())).A
         ranks = {t: sum(a.factors[t].pair()[0].shape[0] for a, _ in parts if t in a.factors) for t in targets}
-        combined = LayerAdapter(parts[0][0].rule, targets.values(), ranks, 1.0, activation_owners=parts[0][0].activation_owners, dropout=0.0, dtype=like.dtype, device=like.device)
+        combined = LayerAdapter(
+            parts[0][0].rule,
+            targets.values(),
+            ranks,
+            1.0,
+            activation_owners=parts[0][0].activation_owners,
+            dropout=0.0,
+            dtype=like.dtype,
+            device=like.device,
+        )
         for tname in targets:
             pieces = [(a.factors[tname], w) for a, w in parts if tname in a.factors]
             pairs = [(f.pair(), w * f.scale) for f, w in pieces]

@@ -1,9 +1,7 @@
-"""Rules, the registry that maps layer types to them, and the plugin manager.
+"""The registry that maps layer types to rules, and the plugin manager that fills it.
 
-A rule is everything lora_anywhere knows about one layer type: which tensors it can
-adapt (each seen as a rows × rest matrix, or a row block of one), and optionally how
-to run the layer with the adapters applied to its activations. The built-in torch.nn
-rules are an ordinary plugin registered through the same hook as everyone else's.
+The built-in torch.nn rules are an ordinary plugin registered through the same hook
+as everyone else's; a subclass finds its base class's rule through the MRO.
 """
 
 from __future__ import annotations
@@ -11,84 +9,18 @@ from __future__ import annotations
 import importlib.metadata
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import pluggy
-import torch
 from torch import nn
 
 from . import hookspecs
+from .errors import PluginError
 from .hookspecs import PROJECT
+from .rule import Rule, rule_in_mro
+from .rules import torch_nn
 
 ENTRY_POINT_GROUP = PROJECT
-
-
-@dataclass(frozen=True)
-class Target:
-    """One matrix a rule can adapt.
-
-    ``tensor`` names a parameter of the module at ``owner`` (a dotted path from the
-    layer; "" is the layer itself). The matrix is ``tensor[rows].reshape(n, -1)``: rows
-    of a Linear, output channels of a conv, input channels of a ConvTranspose, gate
-    rows of an RNN weight, the q/k/v block of a packed attention projection.
-    """
-
-    name: str
-    tensor: str
-    owner: str = ""
-    rows: tuple[int, int] | None = None
-
-
-class Rule:
-    """Base class of adapter rules. Subclasses override `targets` and, when the layer
-    can be computed on its activations, `forward` and `prefers_activation`."""
-
-    #: Stable name written into saved adapters, e.g. ``"torch.nn.Linear"``.
-    name: str = ""
-
-    def targets(self, layer: nn.Module) -> Sequence[Target]:
-        raise NotImplementedError
-
-    #: Set by rules that implement `forward`: the layer type whose own forward it
-    #: replaces. A subclass that overrides forward falls back to the weight path.
-    activation_base: type | None = None
-
-    def prefers_activation(self, layer: nn.Module, rank: int) -> bool:
-        """Whether `y = layer(x) + s·B(A(x))` is cheaper than running with W + ΔW."""
-        return True
-
-    def activation_saves_memory(self, layer: nn.Module) -> bool:
-        """Whether the activation path keeps less for the backward than the weight
-        path when A is frozen (LoRA-FA): then it saves no copy of the input."""
-        return True
-
-    def weight_cheaper_without_grad(self, layer: nn.Module, weight: torch.Tensor, *args: Any, **kwargs: Any) -> bool:
-        """For a call under ``no_grad`` (inference, evaluation): whether forming
-        W + ΔW once and running the layer's own forward costs less than adding
-        ``s·B(A(x))`` on every row of these inputs. `weight` is the raw base tensor.
-        Without a weight gradient to pay for, the weight path wins as soon as the
-        layer sees enough rows, so an unmerged model evaluates at nearly base speed."""
-        return False
-
-    def forward(self, layer: nn.Module, weight: torch.Tensor, terms: Sequence[Any], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Run `layer` with base weight `weight` and add each term ``scale · B(A(x))``.
-
-        A term has ``a`` (r × cols of the weight's matrix view), ``b`` (rows × r),
-        ``scale``, ``dropout(x)`` and ``dropout_active``.
-        """
-        raise NotImplementedError
-
-    def supports_activation(self, layer: nn.Module) -> bool:
-        base = self.activation_base
-        return base is not None and _forward_of(type(layer)) is base.forward
-
-    def __repr__(self) -> str:
-        return f"<rule {self.name}>"
-
-
-def _forward_of(cls: type) -> Any:
-    base = getattr(cls, "__lora_base__", cls)
-    return base.forward
 
 
 @dataclass
@@ -117,20 +49,13 @@ class Registry:
 
     def register(self, layer_type: type, rule: Rule) -> None:
         if not isinstance(layer_type, type) or not issubclass(layer_type, nn.Module):
-            raise TypeError(f"register() takes an nn.Module subclass, got {layer_type!r}")
+            raise PluginError(f"register() takes an nn.Module subclass, got {layer_type!r}")
         if not isinstance(rule, Rule):
-            raise TypeError(f"register() takes a lora_anywhere.Rule instance, got {rule!r}")
+            raise PluginError(f"register() takes a lora_anywhere.Rule instance, got {rule!r}")
         self._rules[layer_type] = rule
 
     def rule_for(self, module: nn.Module) -> Rule | None:
-        for cls in type(module).__mro__:
-            rule = self._rules.get(cls)
-            if rule is not None:
-                return rule
-        return None
-
-    def rules(self) -> dict[type, Rule]:
-        return dict(self._rules)
+        return rule_in_mro(self._rules, module)
 
 
 class _Plugins:
@@ -149,8 +74,6 @@ class _Plugins:
             return self._pm
 
     def _make_manager(self) -> pluggy.PluginManager:
-        from .rules import torch_nn
-
         pm = pluggy.PluginManager(PROJECT)
         pm.add_hookspecs(hookspecs)
         pm.register(torch_nn, name="torch.nn")
@@ -176,13 +99,13 @@ class _Plugins:
             pm = self.manager()
             registered = pm.register(plugin, name=name)
             if registered is None:
-                raise ValueError(f"plugin {name or plugin!r} is already registered")
+                raise PluginError(f"plugin {name or plugin!r} is already registered")
             try:
                 pm.check_pending()
             except pluggy.PluginValidationError as exc:
                 pm.unregister(name=registered)
                 known = ", ".join(sorted(n for n in dir(hookspecs) if n.startswith("lora_anywhere_")))
-                raise ValueError(f"plugin {registered!r}: {exc}; the hooks are {known}") from exc
+                raise PluginError(f"plugin {registered!r}: {exc}; the hooks are {known}") from exc
             self._infos[registered] = PluginInfo(registered, "active", "runtime")
             self._registry = None
             return registered
@@ -191,7 +114,7 @@ class _Plugins:
         with self._lock:
             pm = self.manager()
             if pm.get_plugin(name) is None:
-                raise ValueError(f"no plugin named {name!r} is registered")
+                raise PluginError(f"no plugin named {name!r} is registered")
             pm.unregister(name=name)
             self._infos.pop(name, None)
             self._registry = None
@@ -223,7 +146,7 @@ class _Plugins:
                     continue
                 staged: list[tuple[Any, Any]] = []
                 try:
-                    impl.function(register=lambda *item: staged.append(item))
+                    impl.function(register=lambda *item: staged.append(item))  # noqa: B023 (called at once)
                     for item in staged:  # only a hook that finished registers anything
                         if sink is not None:
                             sink(*item)

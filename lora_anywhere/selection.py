@@ -62,6 +62,7 @@ def compile_selector(spec: Any, presets: dict[str, Any]) -> Selector:
     if isinstance(spec, str):
         return _string_selector(spec, presets)
     if callable(spec):
+
         def test(name: str, module: nn.Module) -> Match:
             result = spec(name, module)
             if result is True:

@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from . import attach
-from .api import adapted_layers
-
+from .state import adapted_layers
 
 #: Parameters that are ≥ 2-D but are lookup tables of positions, special tokens or
 #: attention biases, not weight matrices: coverage does not count them.
@@ -29,8 +28,13 @@ class SummaryRow:
     target: str
     shape: tuple[int, ...]
     rank: int
-    path: str
+    route: str  # "activation" or "weight"
     adapter_params: int
+
+    @property
+    def path(self) -> str:
+        """The old name of `route`."""
+        return self.route
 
 
 @dataclass
@@ -52,8 +56,11 @@ class Summary:
         return self.trainable_params / self.total_params if self.total_params else 0.0
 
     def __str__(self) -> str:
-        headers = ("layer", "target", "rule", "weight shape", "rank", "path", "adapter params")
-        cells = [(r.layer or "<root>", r.target, r.rule, "×".join(map(str, r.shape)), str(r.rank), r.path, f"{r.adapter_params:,}") for r in self.rows]
+        headers = ("layer", "target", "rule", "weight shape", "rank", "route", "adapter params")
+        cells = [
+            (r.layer or "<root>", r.target, r.rule, "×".join(map(str, r.shape)), str(r.rank), r.route, f"{r.adapter_params:,}")
+            for r in self.rows
+        ]
         widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
         line = lambda values: "  ".join(v.ljust(w) if i < 6 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))  # noqa: E731
         out = [line(headers), line(["-" * w for w in widths]), *(line(c) for c in cells)]
@@ -74,10 +81,19 @@ def summary(model: nn.Module) -> Summary:
             for t in adapter.targets.values():
                 f = adapter.factors[t.name]
                 n = f.A.numel() + f.B.numel()
-                s.rows.append(SummaryRow(layer=layer_name, rule=adapter.rule.name, target=t.name, shape=t.shape, rank=f.rank, path="activation" if t.owner in adapter.activation_owners else "weight", adapter_params=n))
+                s.rows.append(
+                    SummaryRow(
+                        layer=layer_name,
+                        rule=adapter.rule.name,
+                        target=t.name,
+                        shape=t.shape,
+                        rank=f.rank,
+                        route="activation" if t.owner in adapter.activation_owners else "weight",
+                        adapter_params=n,
+                    )
+                )
                 s.adapter_params += n
-                owner = layer.get_submodule(t.owner) if t.owner else layer
-                tensor = owner._parameters[t.tensor]
+                tensor = t.parameter_in(layer)
                 rows = t.shape[0] if t.rows is None else t.rows[1] - t.rows[0]
                 covered[id(tensor)] = min(tensor.numel(), covered.get(id(tensor), 0) + tensor.numel() // t.shape[0] * rows)
     seen: set[int] = set()

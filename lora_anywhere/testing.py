@@ -120,7 +120,9 @@ def check_exact(
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     non_adapter = {n for n in trainable if attach.ADAPTERS not in n.split(".")}
     allowed = tuple(f"{t}." for t in api.model_state(model).adapters[apply_kwargs.get("name", api.DEFAULT)].trainable)
-    assert all(n.startswith(allowed) for n in non_adapter) if allowed else not non_adapter, f"base parameters left trainable: {sorted(non_adapter)[:5]}"
+    assert all(n.startswith(allowed) for n in non_adapter) if allowed else not non_adapter, (
+        f"base parameters left trainable: {sorted(non_adapter)[:5]}"
+    )
 
     randomize_adapters(model, std, seed)
     adapted = run(model, inputs)

@@ -3,6 +3,7 @@ model gets adapters on, and the run prints it at the end."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import pytest
@@ -47,3 +48,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def log_lines():
+    """The messages the `lora_anywhere` logger emits during the test, in order."""
+    lines: list[str] = []
+    handler = _ListHandler(lines)
+    logger = logging.getLogger("lora_anywhere")
+    logger.addHandler(handler)
+    yield lines
+    logger.removeHandler(handler)
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())

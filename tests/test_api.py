@@ -62,7 +62,8 @@ def test_targets(targets, expected):
 def test_default_adapts_every_layer_and_mha_claims_out_proj():
     model = la.apply(make())
     assert adapted_layers(model) == sorted(
-        [("attn", t) for t in "qkv"] + [("attn", "out"), ("encoder.0", "weight"), ("encoder.2", "weight"), ("head", "weight"), ("stem", "weight")]
+        [("attn", t) for t in "qkv"]
+        + [("attn", "out"), ("encoder.0", "weight"), ("encoder.2", "weight"), ("head", "weight"), ("stem", "weight")]
     )
 
 

@@ -14,8 +14,8 @@ import torch
 
 import lora_anywhere as la
 from lora_anywhere.cli import main
-from lora_anywhere.demo import SmallCNN
-from lora_anywhere.mermaid import mermaid
+from lora_anywhere.cli.demo import SmallCNN
+from lora_anywhere.cli.mermaid import mermaid
 
 COMMANDS = ["demo", "inspect", "summary", "train", "select-rank", "merge", "plugins"]
 
@@ -36,13 +36,13 @@ def test_no_command_prints_help_and_fails(capsys):
 
 
 def test_inspect_prints_the_table(capsys):
-    assert main(["inspect", "lora_anywhere.demo:SmallCNN", "--rank", "2", "--targets", "Conv2d"]) == 0
+    assert main(["inspect", "lora_anywhere.cli.demo:SmallCNN", "--rank", "2", "--targets", "Conv2d"]) == 0
     out = capsys.readouterr().out
     assert "torch.nn.Conv2d" in out and "matrix weights covered" in out and "head" not in out.split("adapted tensors")[0]
 
 
 def test_summary_is_inspect_with_exclude_and_trainable(capsys):
-    assert main(["summary", "lora_anywhere.demo:SmallCNN", "--exclude", "stem.*", "--trainable", "head"]) == 0
+    assert main(["summary", "lora_anywhere.cli.demo:SmallCNN", "--exclude", "stem.*", "--trainable", "head"]) == 0
     out = capsys.readouterr().out
     rows = [line.split()[0] for line in out.splitlines()[2:] if line and not line.startswith(("adapted", "trainable", "matrix"))]
     assert rows == ["depthwise.0", "pointwise.0", "conv.0"]
@@ -54,7 +54,10 @@ def test_inspect_model_args_reach_the_builder(capsys):
 
 
 def test_inspect_mermaid_marks_adapted_trainable_and_frozen(capsys):
-    assert main(["inspect", "lora_anywhere.demo:SmallCNN", "--rank", "2", "--trainable", "head", "--format", "mermaid", "--depth", "0"]) == 0
+    assert (
+        main(["inspect", "lora_anywhere.cli.demo:SmallCNN", "--rank", "2", "--trainable", "head", "--format", "mermaid", "--depth", "0"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("flowchart LR\n")
     assert len(re.findall(r":::adapted", out)) == 4  # the four convs
@@ -81,7 +84,7 @@ def test_inspect_shows_a_saved_adapter(tmp_path, capsys):
     torch.manual_seed(0)
     model = la.apply(SmallCNN(), rank=3, targets="Conv2d", trainable="head")
     la.save_adapter(model, tmp_path / "adapter")
-    assert main(["inspect", "lora_anywhere.demo:SmallCNN", "--adapter", str(tmp_path / "adapter"), "--format", "mermaid"]) == 0
+    assert main(["inspect", "lora_anywhere.cli.demo:SmallCNN", "--adapter", str(tmp_path / "adapter"), "--format", "mermaid"]) == 0
     out = capsys.readouterr().out
     assert out.count("LoRA r=3") == 4 and "trained fully" in out
 
@@ -91,15 +94,18 @@ def test_inspect_shows_a_saved_adapter(tmp_path, capsys):
     [
         (["inspect", "nonsense"], "not of the form"),
         (["inspect", "no_such_module_xyz:thing"], "neither a model source"),
-        (["inspect", "lora_anywhere.demo:NoSuchThing"], "has no attribute"),
+        (["inspect", "lora_anywhere.cli.demo:NoSuchThing"], "has no attribute"),
         (["inspect", "torch.nn:Linear"], "calling torch.nn.Linear() failed"),
-        (["inspect", "torch.nn:Linear", "--model-arg", "in_features=2", "--model-arg", "out_features=2", "--model-arg", "nonsense=1"], "unexpected keyword"),
+        (
+            ["inspect", "torch.nn:Linear", "--model-arg", "in_features=2", "--model-arg", "out_features=2", "--model-arg", "nonsense=1"],
+            "unexpected keyword",
+        ),
         (["inspect", "torch.nn:Linear", "--model-arg", "in_features"], "is not KEY=VALUE"),
         (["inspect", "torchaudio:no_such_factory"], "no model factory"),
-        (["inspect", "lora_anywhere.demo:SmallCNN", "--targets", "nothing*"], "matched no layer"),
-        (["inspect", "lora_anywhere.demo:SmallCNN", "--rank", "0"], "positive integer"),
-        (["inspect", "lora_anywhere.demo:SmallCNN", "--adapter", "no/such/folder"], "no adapter at"),
-        (["inspect", "lora_anywhere.demo:SmallCNN", "--adapter", "x", "--rank", "2"], "leave out --rank"),
+        (["inspect", "lora_anywhere.cli.demo:SmallCNN", "--targets", "nothing*"], "matched no layer"),
+        (["inspect", "lora_anywhere.cli.demo:SmallCNN", "--rank", "0"], "positive integer"),
+        (["inspect", "lora_anywhere.cli.demo:SmallCNN", "--adapter", "no/such/folder"], "no adapter at"),
+        (["inspect", "lora_anywhere.cli.demo:SmallCNN", "--adapter", "x", "--rank", "2"], "leave out --rank"),
         (["demo", "sound"], "unknown demo domain 'sound'"),
         (["demo", "text", "--device", "tpu"], "use auto, cpu, cuda"),
     ],
@@ -112,7 +118,14 @@ def test_errors_say_what_to_fix(capsys, argv, message):
 
 @pytest.mark.parametrize(
     "argv",
-    [["inspect"], ["inspect", "x", "--format", "svg"], ["inspect", "x", "--depth", "-1"], ["demo", "--threads", "many"], ["merge", "--model", "x"], ["nonsense"]],
+    [
+        ["inspect"],
+        ["inspect", "x", "--format", "svg"],
+        ["inspect", "x", "--depth", "-1"],
+        ["demo", "--threads", "many"],
+        ["merge", "--model", "x"],
+        ["nonsense"],
+    ],
 )
 def test_usage_errors_exit_2(capsys, argv):
     with pytest.raises(SystemExit) as exc:

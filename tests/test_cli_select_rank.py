@@ -120,7 +120,11 @@ def test_bad_flags_are_usage_errors(flags, message, capsys):
         ("[select_rank]\nranks = []\n", [], "[select_rank] ranks must be a non-empty list of positive integers"),
         ("[select_rank]\nranks = [0, 2]\n", [], "[select_rank] ranks must be a non-empty list of positive integers"),
         ("[select_rank]\nmetric = 3\n", [], "[select_rank] metric must be a metric name"),
-        ("", ["--metric", "val_f1"], "metric 'val_f1' is not one the trainer reports for this task; choose one of train_accuracy, train_loss, val_accuracy, val_loss"),
+        (
+            "",
+            ["--metric", "val_f1"],
+            "metric 'val_f1' is not one the trainer reports for this task; choose one of train_accuracy, train_loss, val_accuracy, val_loss",
+        ),
         ("", ["--folds", "48"], "47 samples cannot be split into 48 folds"),
         ("", ["--ranks", "1", "--device", "tpu"], "device 'tpu' is not a torch device; use auto, cpu, cuda or cuda:N"),
     ],

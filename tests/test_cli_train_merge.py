@@ -16,11 +16,12 @@ from safetensors.torch import load_file, save_file
 
 import lora_anywhere as la
 from lora_anywhere.cli import main
-from lora_anywhere.data_specs import DataSpecError, hashing_tokenizer, load_data, read_wav
+from lora_anywhere.cli.config import load_config
+from lora_anywhere.cli.data import hashing_tokenizer, load_data, read_wav
+from lora_anywhere.errors import DataSpecError
 from lora_anywhere.models import build_model
-from lora_anywhere.tasks import LoaderSpec, get_task
 from lora_anywhere.testing import randomize_adapters
-from lora_anywhere.train_config import load_config
+from lora_anywhere.training.tasks import LoaderSpec, get_task
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "configs"
@@ -42,7 +43,15 @@ def test_train_then_merge_each_example_config(domain, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", str(config), "--out", str(out), "--epochs", "1"]) == 0
     printed = capsys.readouterr().out
-    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "metrics.csv", "curves.png", "best/adapter_config.json", "last/trainer_state.pt", "run.json"):
+    for name in (
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "metrics.csv",
+        "curves.png",
+        "best/adapter_config.json",
+        "last/trainer_state.pt",
+        "run.json",
+    ):
         assert (out / name).is_file(), name
     run = json.loads((out / "run.json").read_text())
     assert run["classes"] and len(run["history"]) == 1 and "val_accuracy" in run["history"][0]
@@ -85,7 +94,17 @@ def test_merge_uses_base_weights_and_seed(tmp_path, capsys):
 
     sys.path.insert(0, str(tmp_path))
     try:
-        argv = ["merge", "--model", "net:build", "--weights", str(tmp_path / "base.safetensors"), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged.safetensors")]
+        argv = [
+            "merge",
+            "--model",
+            "net:build",
+            "--weights",
+            str(tmp_path / "base.safetensors"),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--out",
+            str(tmp_path / "merged.safetensors"),
+        ]
         assert main(argv) == 0
         assert "wrote" in capsys.readouterr().out
         plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -176,7 +195,10 @@ def test_missing_config_file(capsys):
 
 
 def test_image_folder_split_grayscale_and_class_mismatch(tmp_path):
-    data = load_data({"kind": "image-folder", "train": "images/train", "image_size": [12, 10], "grayscale": True, "val_fraction": 0.25}, ROOT / "examples" / "data")
+    data = load_data(
+        {"kind": "image-folder", "train": "images/train", "image_size": [12, 10], "grayscale": True, "val_fraction": 0.25},
+        ROOT / "examples" / "data",
+    )
     assert data.classes == ["bar", "cross", "ring"] and data.task == "image-classification"
     assert (len(data.train), len(data.val)) == (18, 6)
     image, label = data.train[0]
@@ -200,13 +222,15 @@ def test_pyg_graph_classification_trains_from_a_config(tmp_path, monkeypatch, ca
         "    def forward(self, x, edge_index, batch):\n        return self.head(global_add_pool(self.gnn(x, edge_index), batch))\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    config = write(tmp_path, f"""
+    config = write(
+        tmp_path,
+        f"""
 [model]
 spec = "shapes_model:Net"
 kwargs = {{ classes = "{{classes}}" }}
 [data]
 kind = "pyg"
-train = "{ROOT / 'examples/data/graphs/shapes.pt'}"
+train = "{ROOT / "examples/data/graphs/shapes.pt"}"
 val_fraction = 0.3
 [lora]
 rank = 2
@@ -215,10 +239,13 @@ trainable = "head"
 [train]
 epochs = 2
 batch_size = 8
-""")
+""",
+    )
     assert main(["train", str(config), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert "21 training and 9 validation graphs, 3 classes" in out and (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (
+        "21 training and 9 validation graphs, 3 classes" in out and (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    )
 
 
 def test_pyg_node_classification_without_masks_gets_them(tmp_path):
@@ -285,7 +312,18 @@ def test_audio_class_folders_and_errors(tmp_path):
 
 def test_text_csv_columns_labels_and_tokenizers(tmp_path):
     (tmp_path / "t.csv").write_text("body,kind\nhello there,2\nbye now,10\nhello again,2\n")
-    data = load_data({"kind": "text-csv", "train": "t.csv", "val": "t.csv", "text_column": "body", "label_column": "kind", "vocab_size": 50, "max_length": 1}, tmp_path)
+    data = load_data(
+        {
+            "kind": "text-csv",
+            "train": "t.csv",
+            "val": "t.csv",
+            "text_column": "body",
+            "label_column": "kind",
+            "vocab_size": 50,
+            "max_length": 1,
+        },
+        tmp_path,
+    )
     assert data.classes == ["2", "10"]  # integer labels sort as numbers
     sample = data.train[1]
     assert sample["labels"] == 1 and sample["input_ids"].tolist() == hashing_tokenizer(50)("bye")
@@ -293,23 +331,34 @@ def test_text_csv_columns_labels_and_tokenizers(tmp_path):
         load_data({"kind": "text-csv", "train": "t.csv", "vocab_size": 50}, tmp_path)
     (tmp_path / "v.csv").write_text("body,kind\nhello,3\n")
     with pytest.raises(DataSpecError, match=r"validation labels \['3'\] do not occur"):
-        load_data({"kind": "text-csv", "train": "t.csv", "val": "v.csv", "text_column": "body", "label_column": "kind", "vocab_size": 50}, tmp_path)
+        load_data(
+            {"kind": "text-csv", "train": "t.csv", "val": "v.csv", "text_column": "body", "label_column": "kind", "vocab_size": 50},
+            tmp_path,
+        )
 
     from transformers import BertTokenizer
 
     (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "there", "bye", "now", "again"]))
     BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(str(tmp_path / "tok"))
-    data = load_data({"kind": "text-csv", "train": "t.csv", "text_column": "body", "label_column": "kind", "tokenizer": "tok", "val_fraction": 0.34}, tmp_path)
+    data = load_data(
+        {"kind": "text-csv", "train": "t.csv", "text_column": "body", "label_column": "kind", "tokenizer": "tok", "val_fraction": 0.34},
+        tmp_path,
+    )
     assert "tokenizer tok" in data.description
     for i in range(len(data.train)):
         ids = data.train[i]["input_ids"].tolist()
         assert ids[0] == 2 and ids[-1] == 3 and all(5 <= t <= 9 for t in ids[1:-1])  # [CLS] words [SEP]
     with pytest.raises(DataSpecError, match="either tokenizer"):
-        load_data({"kind": "text-csv", "train": "t.csv", "text_column": "body", "label_column": "kind", "tokenizer": "tok", "vocab_size": 5}, tmp_path)
+        load_data(
+            {"kind": "text-csv", "train": "t.csv", "text_column": "body", "label_column": "kind", "tokenizer": "tok", "vocab_size": 5},
+            tmp_path,
+        )
 
 
 def gcn_config(tmp_path: Path, graph_file: str) -> Path:
-    return write(tmp_path, f"""
+    return write(
+        tmp_path,
+        f"""
 [model]
 spec = "pyg:GCN"
 kwargs = {{ in_channels = 3, out_channels = "{{classes}}" }}
@@ -318,7 +367,8 @@ kind = "pyg"
 train = "{graph_file}"
 [train]
 epochs = 2
-""")
+""",
+    )
 
 
 def test_a_nan_loss_stops_training_with_advice(tmp_path, capsys):
@@ -332,7 +382,7 @@ def test_a_nan_loss_stops_training_with_advice(tmp_path, capsys):
 
 
 def test_an_interrupted_run_says_how_to_resume(tmp_path, capsys, monkeypatch):
-    import lora_anywhere.train_config as train_config
+    import lora_anywhere.cli.jobs as train_config
 
     class Interrupted(train_config.Trainer):
         def fit(self):

@@ -1,4 +1,4 @@
-"""torch.compile on adapted models: one graph (fullgraph=True) on both paths, the same
+"""torch.compile on adapted models: one graph (fullgraph=True) on both routes, the same
 outputs and gradients as eager, for training and for no_grad inference. The
 aot_eager backend traces forward and backward like inductor does without needing a
 C++ compiler, so a failure here is a tracing problem, not a toolchain one."""
@@ -44,8 +44,8 @@ def test_compiled_adapted_model_matches_eager(path):
     out.pow(2).sum().backward()
     torch.testing.assert_close(out, expected)
     for name, grad in eager_grads.items():
-        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=lambda m: f"{name}: {m}")
-    many = torch.randint(0, 20, (8, 40))  # enough rows for the no_grad weight path
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, msg=lambda m: f"{name}: {m}")  # noqa: B023 (called at once)
+    many = torch.randint(0, 20, (8, 40))  # enough rows for the no_grad weight route
     with torch.no_grad():
         torch.testing.assert_close(compiled(many), model(many))
     assert not any(p.grad is not None for p in model.parameters() if not p.requires_grad)

@@ -5,6 +5,7 @@ bad request each fail loudly. Times are printed, never asserted."""
 from __future__ import annotations
 
 import csv
+import logging
 import re
 import sys
 
@@ -14,9 +15,9 @@ import torch
 import lora_anywhere as la
 from lora_anywhere import api
 from lora_anywhere.cli import main
-from lora_anywhere.demo import DOMAINS, resolve, run_demo
-from lora_anywhere.demo.common import DemoError
-from lora_anywhere.demo.vision import SmallCNN
+from lora_anywhere.cli.demo import DOMAINS, resolve, run_demo
+from lora_anywhere.cli.demo.vision import SmallCNN
+from lora_anywhere.errors import DemoError
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +26,36 @@ def fast_demo(tmp_path_factory):
     around it is checked on one domain below."""
     out = tmp_path_factory.mktemp("demo")
     printed: list[str] = []
-    outcomes = run_demo(["all"], out, fast=True, say=printed.append)
+    handler = logging.Handler()
+    handler.emit = lambda record: printed.append(record.getMessage())
+    logger = logging.getLogger("lora_anywhere")
+    logger.addHandler(handler)
+    try:
+        outcomes = run_demo(["all"], out, fast=True)
+    finally:
+        logger.removeHandler(handler)
     return out, "\n".join(printed), outcomes
 
 
 def test_table_has_every_domain_and_method(fast_demo):
     _, text, outcomes = fast_demo
     header = next(line for line in text.splitlines() if line.startswith("domain "))
-    assert header.split() == ["domain", "task", "A", "→", "task", "B", "method", "accuracy", "trainable", "params", "train", "time", "adapter", "file"]
+    assert header.split() == [
+        "domain",
+        "task",
+        "A",
+        "→",
+        "task",
+        "B",
+        "method",
+        "accuracy",
+        "trainable",
+        "params",
+        "train",
+        "time",
+        "adapter",
+        "file",
+    ]
     rows = [line for line in text.splitlines() if re.search(r"(LoRA r=4|head only|full FT) +\d\.\d{3} ", line)]
     assert len(rows) == 3 * len(DOMAINS)
     assert [o.domain.name for o in outcomes] == list(DOMAINS)
@@ -42,7 +65,9 @@ def test_exactness_checks_pass_in_every_domain(fast_demo):
     _, text, outcomes = fast_demo
     for o in outcomes:
         assert o.merge_error <= 1e-4 and o.reload_error <= 1e-4
-        assert re.search(rf"^{o.domain.name}: merged vs unmerged max \|Δ\| \S+; adapter reloaded onto a fresh base: max \|Δ\| \S+$", text, re.M)
+        assert re.search(
+            rf"^{o.domain.name}: merged vs unmerged max \|Δ\| \S+; adapter reloaded onto a fresh base: max \|Δ\| \S+$", text, re.M
+        )
 
 
 def test_costs_are_ordered_as_the_methods_promise(fast_demo):
@@ -95,14 +120,13 @@ def test_a_merge_that_is_not_exact_fails_the_demo(tmp_path, capsys, monkeypatch)
     assert "exactness check failed" in capsys.readouterr().err
 
 
-def test_a_domain_without_its_framework_is_skipped(tmp_path, monkeypatch):
+def test_a_domain_without_its_framework_is_skipped(tmp_path, monkeypatch, log_lines):
     for name in [n for n in sys.modules if n == "torch_geometric" or n.startswith("torch_geometric.")]:
         monkeypatch.setitem(sys.modules, name, None)  # importing it now fails as if it were not installed
-    monkeypatch.delitem(sys.modules, "lora_anywhere.demo.graph", raising=False)
-    lines: list[str] = []
+    monkeypatch.delitem(sys.modules, "lora_anywhere.cli.demo.graph", raising=False)
     with pytest.raises(DemoError, match="no domain could run"):
-        run_demo(["graph"], tmp_path, fast=True, say=lines.append)
-    assert "graph: skipped: torch_geometric is not installed (pip install 'lora_anywhere[graph]')" in lines
+        run_demo(["graph"], tmp_path, fast=True)
+    assert "graph: skipped: torch_geometric is not installed (pip install 'lora_anywhere[graph]')" in log_lines
 
 
 def test_resolve_expands_all_and_keeps_order():

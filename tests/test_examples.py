@@ -63,7 +63,10 @@ def test_custom_plugin_installs_and_is_found_through_its_entry_point(tmp_path):
     source = tmp_path / "src"
     shutil.copytree(EXAMPLES / "custom_plugin", source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     target = tmp_path / "site"
-    install = run(["-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", "--target", str(target), str(source)], cwd=tmp_path)
+    install = run(
+        ["-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", "--target", str(target), str(source)],
+        cwd=tmp_path,
+    )
     assert install.returncode == 0, install.stderr[-3000:]
     assert (target / "la_example_plugin").is_dir() and list(target.glob("la_example_plugin-*.dist-info/entry_points.txt"))
 

@@ -50,7 +50,7 @@ def test_dora_magnitude_starts_at_the_row_norms_and_trains():
     layer = la.apply(nn.Conv2d(3, 5, 3), rank=2, dora=True)
     adapter = layer.lora_adapters.default
     torch.testing.assert_close(adapter.magnitudes["weight"], layer._parameters["weight"].flatten(1).norm(dim=1))
-    assert adapter.path == "weight" and adapter.magnitudes["weight"].requires_grad
+    assert adapter.route == "weight" and adapter.magnitudes["weight"].requires_grad
     layer(torch.randn(1, 3, 5, 5)).sum().backward()
     assert adapter.magnitudes["weight"].grad is not None
 

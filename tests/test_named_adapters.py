@@ -124,8 +124,8 @@ def test_freeze_a_trains_only_b_and_stays_exact(factory, x):
 
 
 def test_freeze_a_takes_the_activation_path_where_it_saves_memory():
-    """A narrow Linear trains faster on the weight path, but LoRA-FA is chosen for its
-    memory, which only the activation path saves: "auto" then means activation."""
+    """A narrow Linear trains faster on the weight route, but LoRA-FA is chosen for its
+    memory, which only the activation route saves: "auto" then means activation."""
     assert not la.apply(nn.Linear(8, 8), rank=2).lora_adapters.default.activation_owners
     assert la.apply(nn.Linear(8, 8), rank=2, freeze_a=True).lora_adapters.default.activation_owners
     assert not la.apply(nn.Linear(8, 8), rank=2, freeze_a=True, path="weight").lora_adapters.default.activation_owners

@@ -23,8 +23,8 @@ from torch_geometric.nn import (  # noqa: E402
     ChebConv,
     EdgeConv,
     GATConv,
-    GATv2Conv,
     GatedGraphConv,
+    GATv2Conv,
     GCNConv,
     GENConv,
     GINConv,
@@ -94,7 +94,11 @@ def weight_normed_mlp() -> nn.Sequential:
     return net
 
 
-AGG = dict(aggregators=["mean", "min", "max", "std"], scalers=["identity", "amplification", "attenuation"], deg=torch.tensor([0, 3, 6, 8, 5, 4, 2, 1, 1]))
+AGG = dict(
+    aggregators=["mean", "min", "max", "std"],
+    scalers=["identity", "amplification", "attenuation"],
+    deg=torch.tensor([0, 3, 6, 8, 5, 4, 2, 1, 1]),
+)
 
 CONVS: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "GCNConv": (lambda: GCNConv(FEATURES, 32), ""),
@@ -188,7 +192,10 @@ def hetero_inputs() -> tuple[dict, dict]:
     gen = torch.Generator().manual_seed(1)
     x = {"a": torch.randn(10, FEATURES, generator=gen), "b": torch.randn(8, FEATURES, generator=gen)}
     sizes = {"a": 10, "b": 8}
-    edges = {et: torch.stack([torch.randint(0, sizes[et[0]], (30,), generator=gen), torch.randint(0, sizes[et[2]], (30,), generator=gen)]) for et in META[1]}
+    edges = {
+        et: torch.stack([torch.randint(0, sizes[et[0]], (30,), generator=gen), torch.randint(0, sizes[et[2]], (30,), generator=gen)])
+        for et in META[1]
+    }
     return x, edges
 
 
@@ -206,7 +213,11 @@ HETERO: dict[str, Callable[[], nn.Module]] = {
     "to_hetero(SAGEConv, GATConv)": lambda: to_hetero(Homogeneous(), (META[0], META[1][:2])),
     "HGTConv": lambda: HGTConv(FEATURES, 16, META, heads=2),
     "HeteroConv(SAGE, GAT)": lambda: HeteroConv(
-        {META[1][0]: SAGEConv((FEATURES, FEATURES), 16), META[1][1]: GATConv((FEATURES, FEATURES), 16, add_self_loops=False), META[1][2]: SAGEConv(FEATURES, 16)}
+        {
+            META[1][0]: SAGEConv((FEATURES, FEATURES), 16),
+            META[1][1]: GATConv((FEATURES, FEATURES), 16, add_self_loops=False),
+            META[1][2]: SAGEConv(FEATURES, 16),
+        }
     ),
 }
 
@@ -342,7 +353,7 @@ def test_transformer_conv_attention_projections(coverage_table) -> None:
 
 
 def test_linear_selector_keeps_conv_linears_on_the_activation_path() -> None:
-    # "auto" puts these small Linears on the weight path (measured cheaper); forced,
+    # "auto" puts these small Linears on the weight route (measured cheaper); forced,
     # each conv's inner Linear adds its adapter on its own activations.
     model = la.apply(build_model("pyg:GCN"), targets="Linear", path="activation")
     rows = la.summary(model).rows

@@ -48,7 +48,9 @@ def small_wav2vec2() -> nn.Module:
 
 
 def small_wav2vec2_prenorm() -> nn.Module:
-    return M.wav2vec2_model(**{**SMALL_W2V2, "extractor_mode": "layer_norm", "extractor_conv_bias": True, "encoder_layer_norm_first": True}, aux_num_out=None)
+    return M.wav2vec2_model(
+        **{**SMALL_W2V2, "extractor_mode": "layer_norm", "extractor_conv_bias": True, "encoder_layer_norm_first": True}, aux_num_out=None
+    )
 
 
 def small_wavlm() -> nn.Module:
@@ -58,10 +60,23 @@ def small_wavlm() -> nn.Module:
 def small_hubert_pretrain() -> nn.Module:
     return M.hubert_pretrain_model(
         **SMALL_W2V2,
-        mask_prob=0.8, mask_selection="static", mask_other=0.0, mask_length=2, no_mask_overlap=False, mask_min_space=1,
-        mask_channel_prob=0.0, mask_channel_selection="static", mask_channel_other=0.0, mask_channel_length=2,
-        no_mask_channel_overlap=False, mask_channel_min_space=1,
-        skip_masked=False, skip_nomask=False, num_classes=10, final_dim=16, feature_grad_mult=None,
+        mask_prob=0.8,
+        mask_selection="static",
+        mask_other=0.0,
+        mask_length=2,
+        no_mask_overlap=False,
+        mask_min_space=1,
+        mask_channel_prob=0.0,
+        mask_channel_selection="static",
+        mask_channel_other=0.0,
+        mask_channel_length=2,
+        no_mask_channel_overlap=False,
+        mask_channel_min_space=1,
+        skip_masked=False,
+        skip_nomask=False,
+        num_classes=10,
+        final_dim=16,
+        feature_grad_mult=None,
     )
 
 
@@ -73,12 +88,27 @@ def hubert_pretrain_inputs(model: nn.Module) -> Any:
 
 def small_rnnt() -> nn.Module:
     return M.emformer_rnnt_model(
-        input_dim=16, encoding_dim=16, num_symbols=10, segment_length=4, right_context_length=1,
-        time_reduction_input_dim=16, time_reduction_stride=2, transformer_num_heads=2, transformer_ffn_dim=16,
-        transformer_num_layers=1, transformer_dropout=0.0, transformer_activation="relu",
-        transformer_left_context_length=2, transformer_max_memory_size=0,
-        transformer_weight_init_scale_strategy="depthwise", transformer_tanh_on_mem=False,
-        symbol_embedding_dim=16, num_lstm_layers=1, lstm_layer_norm=True, lstm_layer_norm_epsilon=1e-5, lstm_dropout=0.0,
+        input_dim=16,
+        encoding_dim=16,
+        num_symbols=10,
+        segment_length=4,
+        right_context_length=1,
+        time_reduction_input_dim=16,
+        time_reduction_stride=2,
+        transformer_num_heads=2,
+        transformer_ffn_dim=16,
+        transformer_num_layers=1,
+        transformer_dropout=0.0,
+        transformer_activation="relu",
+        transformer_left_context_length=2,
+        transformer_max_memory_size=0,
+        transformer_weight_init_scale_strategy="depthwise",
+        transformer_tanh_on_mem=False,
+        symbol_embedding_dim=16,
+        num_lstm_layers=1,
+        lstm_layer_norm=True,
+        lstm_layer_norm_epsilon=1e-5,
+        lstm_dropout=0.0,
     )
 
 
@@ -93,15 +123,72 @@ ZOO: dict[str, tuple[Callable[[], nn.Module], Any, dict[str, Any]]] = {
     "wav2vec2 (small config, CTC head)": (small_wav2vec2, (WAVE,), {}),
     "wavlm (small config)": (small_wavlm, (WAVE,), {}),
     "hubert pre-training (small config)": (small_hubert_pretrain, hubert_pretrain_inputs, {"std": 0.2}),
-    "conformer": (lambda: M.Conformer(input_dim=16, num_heads=2, ffn_dim=32, num_layers=2, depthwise_conv_kernel_size=7), (r(2, 20, 16), torch.tensor([20, 15])), {}),
-    "emformer": (lambda: M.Emformer(input_dim=16, num_heads=2, ffn_dim=32, num_layers=2, segment_length=4, right_context_length=1, left_context_length=2), (r(2, 13, 16), torch.tensor([12, 10])), {}),
-    "emformer rnn-t": (small_rnnt, (r(2, 17, 16), torch.tensor([17, 13]), torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(3)), torch.tensor([5, 4])), {}),
+    "conformer": (
+        lambda: M.Conformer(input_dim=16, num_heads=2, ffn_dim=32, num_layers=2, depthwise_conv_kernel_size=7),
+        (r(2, 20, 16), torch.tensor([20, 15])),
+        {},
+    ),
+    "emformer": (
+        lambda: M.Emformer(
+            input_dim=16, num_heads=2, ffn_dim=32, num_layers=2, segment_length=4, right_context_length=1, left_context_length=2
+        ),
+        (r(2, 13, 16), torch.tensor([12, 10])),
+        {},
+    ),
+    "emformer rnn-t": (
+        small_rnnt,
+        (
+            r(2, 17, 16),
+            torch.tensor([17, 13]),
+            torch.randint(0, 10, (2, 5), generator=torch.Generator().manual_seed(3)),
+            torch.tensor([5, 4]),
+        ),
+        {},
+    ),
     "deepspeech": (lambda: M.DeepSpeech(n_feature=16, n_hidden=32, n_class=10), (r(2, 1, 20, 16),), {"std": 0.1}),
-    "convtasnet (small config)": (lambda: M.ConvTasNet(num_sources=2, enc_kernel_size=16, enc_num_feats=32, msk_kernel_size=3, msk_num_feats=16, msk_num_hidden_feats=32, msk_num_layers=2, msk_num_stacks=1), (r(2, 1, 800),), {}),
+    "convtasnet (small config)": (
+        lambda: M.ConvTasNet(
+            num_sources=2,
+            enc_kernel_size=16,
+            enc_num_feats=32,
+            msk_kernel_size=3,
+            msk_num_feats=16,
+            msk_num_hidden_feats=32,
+            msk_num_layers=2,
+            msk_num_stacks=1,
+        ),
+        (r(2, 1, 800),),
+        {},
+    ),
     # dconv_lstm/attn=2: the residual branches of layers 2+ get their BLSTM and local attention.
-    "hdemucs (small config)": (lambda: M.HDemucs(sources=["voice", "rest"], channels=4, nfft=256, depth=4, dconv_comp=1, dconv_lstm=2, dconv_attn=2), (r(1, 2, 2048),), {}),
-    "wavernn (small config)": (lambda: M.WaveRNN(upsample_scales=[2, 2], n_classes=16, hop_length=4, n_res_block=2, n_rnn=16, n_fc=16, kernel_size=5, n_freq=8, n_hidden=16, n_output=16), (r(2, 1, 24), r(2, 1, 8, 10)), {}),
-    "squim objective (small config)": (lambda: M.squim_objective_model(feat_dim=16, win_len=8, d_model=16, nhead=2, hidden_dim=16, num_blocks=1, rnn_type="LSTM", chunk_size=8), (r(2, 800),), {}),
+    "hdemucs (small config)": (
+        lambda: M.HDemucs(sources=["voice", "rest"], channels=4, nfft=256, depth=4, dconv_comp=1, dconv_lstm=2, dconv_attn=2),
+        (r(1, 2, 2048),),
+        {},
+    ),
+    "wavernn (small config)": (
+        lambda: M.WaveRNN(
+            upsample_scales=[2, 2],
+            n_classes=16,
+            hop_length=4,
+            n_res_block=2,
+            n_rnn=16,
+            n_fc=16,
+            kernel_size=5,
+            n_freq=8,
+            n_hidden=16,
+            n_output=16,
+        ),
+        (r(2, 1, 24), r(2, 1, 8, 10)),
+        {},
+    ),
+    "squim objective (small config)": (
+        lambda: M.squim_objective_model(
+            feat_dim=16, win_len=8, d_model=16, nhead=2, hidden_dim=16, num_blocks=1, rnn_type="LSTM", chunk_size=8
+        ),
+        (r(2, 800),),
+        {},
+    ),
     "wav2letter (waveform)": (lambda: M.Wav2Letter(num_classes=10, input_type="waveform", num_features=1), (r(1, 1, 4000),), {"std": 0.1}),
     "wav2vec2 (small, layer-norm-first like large/xlsr)": (small_wav2vec2_prenorm, (WAVE,), {}),
     "wav2vec2_base": (M.wav2vec2_base, (WAVE[:1],), {}),

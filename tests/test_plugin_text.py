@@ -1,5 +1,5 @@
 """The text plugin: transformers models adapt exactly with full coverage; GPT-2's
-Conv1D on both paths; tied input/output embeddings get one adapter that every holder
+Conv1D on both routes; tied input/output embeddings get one adapter that every holder
 reads (a core behaviour, tested here on plain torch first); the text presets."""
 
 from __future__ import annotations
@@ -179,11 +179,14 @@ def test_activation_checkpointing_keeps_adapter_gradients(reentrant: bool) -> No
 # ----------------------------------------------------------------------------- tied embeddings in transformers
 
 
-@pytest.mark.parametrize("name, table, readers", [
-    ("GPT2LMHeadModel", "transformer.wte", ["lm_head"]),
-    ("BertForMaskedLM", "bert.embeddings.word_embeddings", ["cls.predictions.decoder"]),
-    ("T5ForConditionalGeneration", "shared", ["encoder.embed_tokens", "decoder.embed_tokens", "lm_head"]),
-])
+@pytest.mark.parametrize(
+    "name, table, readers",
+    [
+        ("GPT2LMHeadModel", "transformer.wte", ["lm_head"]),
+        ("BertForMaskedLM", "bert.embeddings.word_embeddings", ["cls.predictions.decoder"]),
+        ("T5ForConditionalGeneration", "shared", ["encoder.embed_tokens", "decoder.embed_tokens", "lm_head"]),
+    ],
+)
 def test_tied_input_and_output_embeddings(name: str, table: str, readers: list[str]) -> None:
     model = hf(name)().eval()
     shared = model.get_submodule(table).weight
@@ -207,7 +210,16 @@ ATTENTION = {
     "BertModel": {"attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"},
     "DistilBertModel": {"attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin"},
     "GPT2LMHeadModel": {"attn.c_attn", "attn.c_proj"},
-    "T5ForConditionalGeneration": {"SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o", "EncDecAttention.q", "EncDecAttention.k", "EncDecAttention.v", "EncDecAttention.o"},
+    "T5ForConditionalGeneration": {
+        "SelfAttention.q",
+        "SelfAttention.k",
+        "SelfAttention.v",
+        "SelfAttention.o",
+        "EncDecAttention.q",
+        "EncDecAttention.k",
+        "EncDecAttention.v",
+        "EncDecAttention.o",
+    },
     "BartForConditionalGeneration": {f"{a}.{p}" for a in ("self_attn", "encoder_attn") for p in ("q_proj", "k_proj", "v_proj", "out_proj")},
     "LlamaForCausalLM": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"},
 }

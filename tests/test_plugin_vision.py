@@ -100,7 +100,16 @@ def tv_maxvit_small() -> nn.Module:
     # small configuration exercises the same blocks in a fraction of the time.
     from torchvision.models.maxvit import MaxVit
 
-    return MaxVit(input_size=(32, 32), stem_channels=16, partition_size=2, block_channels=[16, 32], block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10)
+    return MaxVit(
+        input_size=(32, 32),
+        stem_channels=16,
+        partition_size=2,
+        block_channels=[16, 32],
+        block_layers=[1, 1],
+        head_dim=8,
+        stochastic_depth_prob=0.0,
+        num_classes=10,
+    )
 
 
 ZOO = {
@@ -223,7 +232,12 @@ def test_attention_preset_adapts_exactly_q_and_v(case: Case) -> None:
 
 #: Blocks that read ``self.qkv.weight`` themselves (BEiT and EVA with their q/v
 #: biases, torchvision's Swin), a 1-row q (MobileViTv2), nn.MultiheadAttention.
-@pytest.mark.parametrize("case", zoo_params(["timm:eva02_tiny_patch14_224", "timm:beit_base_patch16_224", "torchvision:swin_t", "timm:mobilevitv2_050", "torchvision:vit_b_16"]))
+@pytest.mark.parametrize(
+    "case",
+    zoo_params(
+        ["timm:eva02_tiny_patch14_224", "timm:beit_base_patch16_224", "torchvision:swin_t", "timm:mobilevitv2_050", "torchvision:vit_b_16"]
+    ),
+)
 def test_attention_preset_is_exact(case: Case) -> None:
     report = check_exact(case.factory, case.inputs(), targets="attention")
     assert report.adapted == 2 * len(attention_blocks(build(case)))
@@ -316,9 +330,22 @@ def _fused_attention_on(model: nn.Module) -> None:
 
 
 #: Models whose first attention block calls scaled_dot_product_attention(q, k, v).
-SDPA_MODELS = ["timm:vit_tiny_patch16_224", "timm:swin_tiny_patch4_window7_224", "timm:eva02_tiny_patch14_224", "timm:beit_base_patch16_224", "timm:maxvit_tiny_tf_224", "timm:vit_relpos_small_patch16_224"]
+SDPA_MODELS = [
+    "timm:vit_tiny_patch16_224",
+    "timm:swin_tiny_patch4_window7_224",
+    "timm:eva02_tiny_patch14_224",
+    "timm:beit_base_patch16_224",
+    "timm:maxvit_tiny_tf_224",
+    "timm:vit_relpos_small_patch16_224",
+]
 #: Models whose first attention block computes softmax(q kᵀ) itself.
-SOFTMAX_MODELS = ["timm:swinv2_tiny_window8_256", "timm:swinv2_cr_tiny_ns_224", "torchvision:swin_t", "torchvision:swin_v2_t", "torchvision:MaxVit(small)"]
+SOFTMAX_MODELS = [
+    "timm:swinv2_tiny_window8_256",
+    "timm:swinv2_cr_tiny_ns_224",
+    "torchvision:swin_t",
+    "torchvision:swin_v2_t",
+    "torchvision:MaxVit(small)",
+]
 
 
 @pytest.mark.parametrize("case", zoo_params(SDPA_MODELS))
@@ -394,9 +421,21 @@ def _module_cases() -> list[Any]:
     tokens, image = torch.randn(2, 5, 32), torch.randn(2, 32, 3, 3)
     return [
         pytest.param(lambda: AttentionRope(32, num_heads=4), tokens, {"q", "k", "v", "proj"}, id="AttentionRope-fused"),
-        pytest.param(lambda: AttentionRope(32, num_heads=4, qkv_fused=False, num_kv_heads=2), tokens, {"q", "k", "v", "proj"}, id="AttentionRope-gqa"),
-        pytest.param(lambda: EvaAttention(32, num_heads=4, qkv_fused=False, norm_layer=nn.LayerNorm), tokens, {"q", "k", "v", "proj"}, id="EvaAttention-unfused"),
-        pytest.param(lambda: AttentionCl(32, dim_head=8, head_first=False), torch.randn(2, 3, 3, 32), {"q", "k", "v", "proj"}, id="AttentionCl-blocks"),
+        pytest.param(
+            lambda: AttentionRope(32, num_heads=4, qkv_fused=False, num_kv_heads=2), tokens, {"q", "k", "v", "proj"}, id="AttentionRope-gqa"
+        ),
+        pytest.param(
+            lambda: EvaAttention(32, num_heads=4, qkv_fused=False, norm_layer=nn.LayerNorm),
+            tokens,
+            {"q", "k", "v", "proj"},
+            id="EvaAttention-unfused",
+        ),
+        pytest.param(
+            lambda: AttentionCl(32, dim_head=8, head_first=False),
+            torch.randn(2, 3, 3, 32),
+            {"q", "k", "v", "proj"},
+            id="AttentionCl-blocks",
+        ),
         pytest.param(lambda: Attention2d(32, dim_head=8, head_first=False), image, {"q", "k", "v", "proj"}, id="Attention2d-blocks"),
         pytest.param(lambda: Attention2d(32, dim_head=8, head_first=True), image, {"proj"}, id="Attention2d-interleaved"),
     ]
@@ -450,7 +489,11 @@ def test_mlp_preset_on_a_cnn_matches_nothing() -> None:
 
 
 @pytest.mark.parametrize("path", ["auto", "activation", "weight"])
-@pytest.mark.parametrize("case", zoo_params(["torchvision:mobilenet_v3_small", "timm:convnext_atto"]) + [pytest.param(ZOO["torchvision:convnext_tiny"], id="torchvision:convnext_tiny", marks=slow)])
+@pytest.mark.parametrize(
+    "case",
+    zoo_params(["torchvision:mobilenet_v3_small", "timm:convnext_atto"])
+    + [pytest.param(ZOO["torchvision:convnext_tiny"], id="torchvision:convnext_tiny", marks=slow)],
+)
 def test_depthwise_convs_at_rank_16(case: Case, path: str) -> None:
     report = check_exact(case.factory, case.inputs(), rank=16, path=path)
     assert report.coverage >= 0.99
@@ -470,7 +513,12 @@ def test_depthwise_convs_at_rank_16(case: Case, path: str) -> None:
 def test_plugin_is_active_with_its_rules() -> None:
     info = {p.name: p for p in la.plugins()}["vision"]
     assert info.status == "active", info.error
-    for cls in ("timm.layers.attention.Attention", "timm.models.beit.Attention", "timm.models.eva.EvaAttention", "torchvision.models.swin_transformer.ShiftedWindowAttention"):
+    for cls in (
+        "timm.layers.attention.Attention",
+        "timm.models.beit.Attention",
+        "timm.models.eva.EvaAttention",
+        "torchvision.models.swin_transformer.ShiftedWindowAttention",
+    ):
         assert cls in info.rules
 
 
@@ -512,7 +560,11 @@ def test_model_sources_build_random_models_without_downloads(monkeypatch: pytest
     # detection builders default to an ImageNet backbone: the source turns it off
     detector = build_model("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn", num_classes=3)
     assert type(detector).__name__ == "FasterRCNN"
-    for spec, kwargs in [("timm:resnet18", {"pretrained": True}), ("torchvision:resnet18", {"weights": "DEFAULT"}), ("torchvision:fasterrcnn_resnet50_fpn", {"weights_backbone": "DEFAULT"})]:
+    for spec, kwargs in [
+        ("timm:resnet18", {"pretrained": True}),
+        ("torchvision:resnet18", {"weights": "DEFAULT"}),
+        ("torchvision:fasterrcnn_resnet50_fpn", {"weights_backbone": "DEFAULT"}),
+    ]:
         with pytest.raises(la.LoraError, match="downloads nothing"):
             build_model(spec, **kwargs)
     with pytest.raises(la.LoraError, match="timm has no model 'no_such_net'"):

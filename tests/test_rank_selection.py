@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lora_anywhere as la
-from lora_anywhere.rank_selection import fold_indices, select_rank
+from lora_anywhere.training.rank_selection import fold_indices, select_rank
 
 
 def data(n=96):
@@ -28,7 +28,9 @@ def test_folds_partition_the_data():
 
 
 def test_select_rank_table_and_choice():
-    result = select_rank(build, data(), task="image-classification", ranks=(1, 4), folds=3, trainer_kwargs={"epochs": 3, "lr": 0.05, "batch_size": 16})
+    result = select_rank(
+        build, data(), task="image-classification", ranks=(1, 4), folds=3, trainer_kwargs={"epochs": 3, "lr": 0.05, "batch_size": 16}
+    )
     assert [s.rank for s in result.scores] == [1, 4]
     assert result.chosen in (1, 4)
     assert result.scores[0].adapter_params < result.scores[1].adapter_params
@@ -52,26 +54,35 @@ def test_select_rank_errors():
 
 
 def test_an_unknown_metric_fails_before_any_training(monkeypatch):
-    from lora_anywhere import trainer
+    from lora_anywhere.training import trainer
 
     monkeypatch.setattr(trainer.Trainer, "fit", lambda self: pytest.fail("trained before checking the metric"))
-    with pytest.raises(la.LoraError, match=r"metric 'val_f1' is not one the trainer reports .* train_accuracy, train_loss, val_accuracy, val_loss"):
+    with pytest.raises(
+        la.LoraError, match=r"metric 'val_f1' is not one the trainer reports .* train_accuracy, train_loss, val_accuracy, val_loss"
+    ):
         select_rank(build, data(), task="image-classification", ranks=(1,), folds=2, metric="val_f1")
 
 
-def test_val_loss_is_minimised_and_the_result_is_plain_data():
-    lines = []
-    result = select_rank(build, data(), task="image-classification", ranks=(2, 1), folds=2, metric="val_loss", trainer_kwargs={"epochs": 1, "batch_size": 32}, say=lines.append)
+def test_val_loss_is_minimised_and_the_result_is_plain_data(log_lines):
+    result = select_rank(
+        build,
+        data(),
+        task="image-classification",
+        ranks=(2, 1),
+        folds=2,
+        metric="val_loss",
+        trainer_kwargs={"epochs": 1, "batch_size": 32},
+    )
     plain = result.as_dict()
     assert plain["metric"] == "val_loss" and [s["rank"] for s in plain["scores"]] == [2, 1]  # the order given
     assert all(set(s) == {"rank", "mean", "std", "adapter_params", "folds"} for s in plain["scores"])
-    assert len(lines) == 2 and lines[0].startswith("rank 2: val_loss ")
+    assert len(log_lines) == 2 and log_lines[0].startswith("rank 2: val_loss ")
     best = min(result.scores, key=lambda s: s.mean)
     assert result.chosen <= best.rank  # the smallest rank within one standard error of the lowest loss
 
 
 def test_ctrl_c_stops_the_whole_selection(monkeypatch):
-    from lora_anywhere import trainer
+    from lora_anywhere.training import trainer
 
     fits = []
 
@@ -89,7 +100,7 @@ def test_ctrl_c_stops_the_whole_selection(monkeypatch):
 def test_node_folds_split_the_labelled_nodes_of_one_graph():
     from torch_geometric.data import Data
 
-    from lora_anywhere.rank_selection import NodeFolds
+    from lora_anywhere.training.rank_selection import NodeFolds
 
     n = 12
     graph = Data(x=torch.randn(n, 8), edge_index=torch.tensor([[0, 1], [1, 0]]), y=torch.arange(n) % 2)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import lora_anywhere as la
-from lora_anywhere.regularize import delta_distance, delta_frobenius, factor_distance
 from lora_anywhere.testing import randomize_adapters
+from lora_anywhere.training.regularize import delta_distance, delta_frobenius, factor_distance
 
 
 def model_with_deltas(init="lora"):
@@ -79,7 +79,17 @@ def test_trainer_takes_a_regularizer():
     for weight in (0.0, 1.0):
         torch.manual_seed(0)
         model = la.apply(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)), rank=2)
-        la.Trainer(model, data, task="image-classification", epochs=3, lr=0.05, batch_size=16, progress=False, regularizer=delta_frobenius, weight=weight).fit()
+        la.Trainer(
+            model,
+            data,
+            task="image-classification",
+            epochs=3,
+            lr=0.05,
+            batch_size=16,
+            progress=False,
+            regularizer=delta_frobenius,
+            regularizer_weight=weight,
+        ).fit()
         norms[weight] = delta_frobenius(model).item()
     assert norms[1.0] < 0.5 * norms[0.0]
     with pytest.raises(la.LoraError, match="regularizer must be a function"):

@@ -2,7 +2,7 @@
 
 For each configuration: output equals the base at init; randomised adapters change
 it; merged == unmerged; unmerge restores; save/load round trip; remove gives back the
-original types and keys (all in `check_exact`); the activation and weight paths give
+original types and keys (all in `check_exact`); the activation and weight routes give
 the same outputs and the same adapter gradients; only adapters receive gradients; a
 dense layer's merged update has rank ≤ r.
 """
@@ -65,9 +65,9 @@ def conv_transposes(draw):
     cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
     x = torch.randn(2, cin, *(4,) * dims)
     padding = draw(st.integers(0, 1))
-    return (lambda: cls(cin, cout, k, stride=stride, padding=padding, output_padding=output_padding, groups=groups, dilation=dilation)), (x,)
-
-
+    return (lambda: cls(cin, cout, k, stride=stride, padding=padding, output_padding=output_padding, groups=groups, dilation=dilation)), (
+        x,
+    )
 
 
 @st.composite
@@ -87,7 +87,7 @@ def attentions(draw):
     batch_first = draw(st.booleans())
     bias = draw(st.booleans())
     L, S, N = 4, 5, 2
-    shape = (lambda n, l, d: (n, l, d)) if batch_first else (lambda n, l, d: (l, n, d))
+    shape = (lambda n, length, d: (n, length, d)) if batch_first else (lambda n, length, d: (length, n, d))
     q = torch.randn(*shape(N, L, e))
     k = torch.randn(*shape(N, S, kdim or e))
     v = torch.randn(*shape(N, S, vdim or e))
@@ -127,7 +127,7 @@ def _outputs(model, inputs):
 
 
 def _paths_agree(factory, inputs, rank):
-    """Same adapters, activation vs weight path: same outputs and same gradients."""
+    """Same adapters, activation vs weight route: same outputs and same gradients."""
     results = []
     for path in ("activation", "weight"):
         torch.manual_seed(0)
@@ -148,7 +148,7 @@ def _paths_agree(factory, inputs, rank):
     torch.testing.assert_close(out_a, out_w, rtol=1e-4, atol=1e-5)
     assert g_a.keys() == g_w.keys()
     for name in g_a:
-        torch.testing.assert_close(g_a[name], g_w[name], rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g_a[name], g_w[name], rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")  # noqa: B023 (called at once)
 
 
 @SETTINGS
@@ -189,7 +189,9 @@ def test_embedding_max_norm_renormalises_the_adapted_rows():
     unmerged_out = model(x)
     torch.testing.assert_close(merged(x), unmerged_out)
     assert unmerged_out.norm(dim=-1).max() <= 1.0 + 1e-5
-    torch.testing.assert_close(model.weight.detach() - weight, la.adapter_state_dict(model)["lora//weight/B"] @ la.adapter_state_dict(model)["lora//weight/A"])
+    torch.testing.assert_close(
+        model.weight.detach() - weight, la.adapter_state_dict(model)["lora//weight/B"] @ la.adapter_state_dict(model)["lora//weight/A"]
+    )
 
 
 @SETTINGS
@@ -329,7 +331,7 @@ def test_deepcopy_and_pickle_of_adapted_model(tmp_path):
 )
 def test_two_adapters_on_one_layer_unfused_path_is_exact(factory, x):
     """Two adapters (or dropout) take the unfused activation loop; it must agree with
-    the weight path in outputs and gradients too."""
+    the weight route in outputs and gradients too."""
     results = []
     for path in ("activation", "weight"):
         torch.manual_seed(0)
@@ -353,7 +355,11 @@ def test_recurrent_cells(cell):
 
 @pytest.mark.parametrize(
     ("layer", "x"),
-    [(lambda: nn.Linear(6, 5), torch.randn(2, 3, 6)), (lambda: nn.Linear(6, 5), torch.randn(4, 6)), (lambda: nn.Conv2d(3, 5, 3), torch.randn(2, 3, 6, 6))],
+    [
+        (lambda: nn.Linear(6, 5), torch.randn(2, 3, 6)),
+        (lambda: nn.Linear(6, 5), torch.randn(4, 6)),
+        (lambda: nn.Conv2d(3, 5, 3), torch.randn(2, 3, 6, 6)),
+    ],
 )
 def test_inplace_op_after_an_adapted_layer(layer, x):
     """MobileNetV3's Hardswish(inplace=True) writes into the adapted layer's output."""
@@ -377,12 +383,12 @@ def test_inplace_op_after_an_adapted_layer(layer, x):
     ],
 )
 def test_activation_path_never_builds_the_weight_delta(layer, x, monkeypatch):
-    """The activation path's point is to never form ΔW: reading `layer.weight` (W + ΔW)
+    """The activation route's point is to never form ΔW: reading `layer.weight` (W + ΔW)
     anywhere in its forward would cost a weight-sized matmul per step."""
     model = la.apply(layer(), rank=2, path="activation")
 
     def refuse(*args, **kwargs):
-        raise AssertionError("ΔW was built on the activation path")
+        raise AssertionError("ΔW was built on the activation route")
 
     monkeypatch.setattr(la.adapter.LowRank, "delta", refuse)
     monkeypatch.setattr(la.adapter.LayerAdapter, "add_to", refuse)
@@ -398,7 +404,7 @@ def test_activation_path_never_builds_the_weight_delta(layer, x, monkeypatch):
     ],
 )
 def test_inference_takes_the_weight_path_when_it_is_cheaper(layer, many, few, monkeypatch):
-    """Under no_grad an activation-path layer forms W + ΔW once when it sees enough
+    """Under no_grad an activation-route layer forms W + ΔW once when it sees enough
     rows (no weight gradient to pay for); on few rows it keeps A and B. Both exact."""
     model = la.apply(layer(), rank=2, path="activation")
     randomize_adapters(model)
@@ -417,13 +423,15 @@ def test_inference_takes_the_weight_path_when_it_is_cheaper(layer, many, few, mo
 
 def test_inference_with_active_dropout_stays_on_activations(monkeypatch):
     model = la.apply(nn.Linear(64, 32), rank=2, path="activation", dropout=0.5).train()
-    monkeypatch.setattr(la.adapter.LayerAdapter, "add_to", lambda *args: pytest.fail("dropout needs the activation path"))
+    monkeypatch.setattr(la.adapter.LayerAdapter, "add_to", lambda *args: pytest.fail("dropout needs the activation route"))
     with torch.no_grad():
         model(torch.randn(100, 64))
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize(("conv", "shape", "layout"), [(nn.Conv2d, (2, 4, 6, 6), torch.channels_last), (nn.Conv3d, (2, 4, 3, 4, 5), torch.channels_last_3d)])
+@pytest.mark.parametrize(
+    ("conv", "shape", "layout"), [(nn.Conv2d, (2, 4, 6, 6), torch.channels_last), (nn.Conv3d, (2, 4, 3, 4, 5), torch.channels_last_3d)]
+)
 def test_conv_activation_path_on_channels_last_inputs(bias, conv, shape, layout):
     x = torch.randn(*shape).to(memory_format=layout)
     _paths_agree(lambda: conv(4, 6, 3, padding=1, bias=bias).to(memory_format=layout), (x,), rank=2)
@@ -473,6 +481,6 @@ def test_both_paths_under_autocast(layer, x):
     ],
 )
 def test_conv_on_unbatched_inputs(layer, x):
-    """torch's convs take (C, L…) without a batch dimension; so must both paths."""
+    """torch's convs take (C, L…) without a batch dimension; so must both routes."""
     check_exact(layer, (x,), rank=2, path="activation")
     _paths_agree(layer, (x,), rank=2)

@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent(
     from torch.utils.data import TensorDataset
 
     import lora_anywhere as la
-    from lora_anywhere.trainer import Trainer
+    from lora_anywhere.training.trainer import Trainer
 
     torch.set_num_threads(1)
     out, rank = Path(sys.argv[1]), int(os.environ["RANK"])

@@ -68,7 +68,14 @@ def graphs(root: Path) -> None:
     upper = torch.triu(torch.rand(n, n, generator=g) < prob, 1)
     x = torch.nn.functional.one_hot(y, 8).float() + 0.8 * torch.randn(n, 8, generator=g)
     split = torch.rand(n, generator=g)
-    social = Data(x=x.half().float(), edge_index=(upper | upper.T).nonzero().T, y=y, train_mask=split < 0.6, val_mask=(split >= 0.6) & (split < 0.8), test_mask=split >= 0.8)
+    social = Data(
+        x=x.half().float(),
+        edge_index=(upper | upper.T).nonzero().T,
+        y=y,
+        train_mask=split < 0.6,
+        val_mask=(split >= 0.6) & (split < 0.8),
+        test_mask=split >= 0.8,
+    )
     root.mkdir(parents=True)
     InMemoryDataset.save([social], str(root / "social.pt"))
 

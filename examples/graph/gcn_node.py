@@ -2,7 +2,7 @@
 
     python examples/graph/gcn_node.py [--fast]
 
-The graph plugin adapts each ``GCNConv`` (its inner Linear) on the activation path.
+The graph plugin adapts each ``GCNConv`` (its inner Linear) on the activation route.
 The graph: four communities, dense inside and sparse across; each node's features
 are a noisy hint of its community. Training uses the nodes in ``train_mask``,
 validation those in ``val_mask``, and the test mask is scored at the end.
@@ -17,7 +17,7 @@ from torch_geometric.data import Data
 from torch_geometric.nn.models import GCN
 
 import lora_anywhere as la
-from lora_anywhere.tasks import NodeClassification
+from lora_anywhere.training.tasks import NodeClassification
 
 
 def communities(n: int, k: int = 4, seed: int = 0) -> Data:

@@ -32,7 +32,11 @@ class Keywords(torch.utils.data.Dataset):
         names = list(KEYWORDS)
         for _ in range(n):
             label = int(torch.randint(0, len(names), (1,), generator=g))
-            speed, shift, loud = (0.4 + 0.3 * torch.rand(1, generator=g).item(), 0.9 + 0.2 * torch.rand(1, generator=g).item(), 0.5 + torch.rand(1, generator=g).item())
+            speed, shift, loud = (
+                0.4 + 0.3 * torch.rand(1, generator=g).item(),
+                0.9 + 0.2 * torch.rand(1, generator=g).item(),
+                0.5 + torch.rand(1, generator=g).item(),
+            )
             length = int(speed * RATE)
             t = torch.arange(length) / RATE
             syllable = (t * 3 / speed).long().clamp(max=2)  # which of the three tones is sounding

@@ -39,7 +39,9 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=2, depth=2 if args.fast else 4)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=2, depth=2 if args.fast else 4
+    )
     la.apply(model, rank=8, targets="Attention:q,v", trainable="head")
     print(la.summary(model))
 

@@ -1,8 +1,8 @@
 """Rules for every weight layer in torch.nn — the built-in plugin.
 
 Registered through the same `lora_anywhere_register_rules` hook as any third-party
-plugin. Each rule is exact on both paths: the activation path (where offered) and the
-weight path give the same numbers, and so does the merged weight.
+plugin. Each rule is exact on both routes: the activation route (where offered) and the
+weight route give the same numbers, and so does the merged weight.
 """
 
 from __future__ import annotations
@@ -14,22 +14,23 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..fused import conv_lora, linear_lora
 from ..hookspecs import hookimpl
-from ..registry import Rule, Target
+from ..kernels import conv_lora, linear_lora
+from ..rule import Rule, Target
 
-WEIGHT = (Target("weight", "weight"),)
+#: The one target of a layer that adapts its whole `weight`.
+WEIGHT_TARGET = (Target("weight", "weight"),)
 
 
 class LinearRule(Rule):
-    """y = x Wᵀ + b. On activations: ``+ s · (x Aᵀ) Bᵀ``, fused into one matmul over
-    [W; A] when a single adapter runs without dropout (see `fused.py`)."""
+    """y = x Wᵀ + b. On activations: ``+ s · (x Aᵀ) Bᵀ``, as one autograd function
+    (`kernels.FusedLinearLoRA`) when a single adapter runs without dropout."""
 
     name = "torch.nn.Linear"
     activation_base = nn.Linear
 
     def targets(self, layer: nn.Module) -> Sequence[Target]:
-        return WEIGHT
+        return WEIGHT_TARGET
 
     def prefers_activation(self, layer: nn.Module, rank: int) -> bool:
         out_features, in_features = layer.weight.shape
@@ -49,11 +50,11 @@ class LinearRule(Rule):
 
 
 def wide_matrix(out: int, cols: int) -> bool:
-    """Whether training on the activations beats the weight path for an out × cols
-    matrix. The weight path's extra cost is a weight gradient, ∝ out·cols per row;
-    the activation path's is a few passes over rows of width out + cols. Measured
+    """Whether training on the activations beats the weight route for an out × cols
+    matrix. The weight route's extra cost is a weight gradient, ∝ out·cols per row;
+    the activation route's is a few passes over rows of width out + cols. Measured
     per layer on CPU (bench/layer_paths.py), for Linear and conv layers alike, the
-    activation path wins above out·cols/(out + cols) = 128 (ViT-S, wav2vec2,
+    activation route wins above out·cols/(out + cols) = 128 (ViT-S, wav2vec2,
     ResNet-50's stages 3–4) and loses up to it (GCN's 256 × 256, Conformer,
     ResNet-50's stage 1)."""
     return out * cols > 128 * (out + cols)
@@ -77,7 +78,7 @@ class ConvRule(Rule):
     On activations, A is a conv with the layer's own geometry (``layer._conv_forward``
     applies padding_mode, padding, stride, dilation and groups exactly as the layer
     does) and g·r output channels; B is a grouped 1×1 conv. Ungrouped convs with one
-    adapter and no dropout run as one autograd function (`fused.py`).
+    adapter and no dropout run as one autograd function (`kernels.py`).
     """
 
     def __init__(self, base: type) -> None:
@@ -86,10 +87,10 @@ class ConvRule(Rule):
         self.dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[base]
 
     def targets(self, layer: nn.Module) -> Sequence[Target]:
-        return WEIGHT
+        return WEIGHT_TARGET
 
     def prefers_activation(self, layer: nn.Module, rank: int) -> bool:
-        # Ungrouped only: a grouped conv's activation path is the unfused loop.
+        # Ungrouped only: a grouped conv's activation route is the unfused loop.
         return layer.groups == 1 and wide_matrix(layer.out_channels, layer.in_channels * math.prod(layer.kernel_size))
 
     def activation_saves_memory(self, layer: nn.Module) -> bool:
@@ -120,27 +121,27 @@ class ConvRule(Rule):
 
 class ConvTransposeRule(Rule):
     """ConvTransposeNd incl. output_padding, dilation and groups. The weight is
-    in × out/groups × k…, so the matrix rows are the input channels. Weight path."""
+    in × out/groups × k…, so the matrix rows are the input channels. Weight route."""
 
     def __init__(self, base: type) -> None:
         self.name = f"torch.nn.{base.__name__}"
 
     def targets(self, layer: nn.Module) -> Sequence[Target]:
-        return WEIGHT
+        return WEIGHT_TARGET
 
 
 class EmbeddingRule(Rule):
     """Embedding: the matrix is num_embeddings × dim, ΔW = s·B A with B a zero table of
-    rank-r rows. B's padding_idx row starts at zero and gets no gradient on either path,
+    rank-r rows. B's padding_idx row starts at zero and gets no gradient on either route,
     so the padding row is never adapted. With ``max_norm`` the renormalisation must see
-    W + ΔW, so such a layer takes the weight path (and, unlike the plain layer, leaves
+    W + ΔW, so such a layer takes the weight route (and, unlike the plain layer, leaves
     the frozen base rows as they are)."""
 
     name = "torch.nn.Embedding"
     activation_base = nn.Embedding
 
     def targets(self, layer: nn.Module) -> Sequence[Target]:
-        return WEIGHT
+        return WEIGHT_TARGET
 
     def supports_activation(self, layer: nn.Module) -> bool:
         return layer.max_norm is None and super().supports_activation(layer)
@@ -161,7 +162,7 @@ class MultiheadAttentionRule(Rule):
     """nn.MultiheadAttention: the q, k and v blocks of the packed ``in_proj_weight``
     (or ``q/k/v_proj_weight`` when kdim/vdim differ) and ``out_proj``. The module
     hands these tensors to ``F.multi_head_attention_forward`` itself, so only the
-    weight path is exact; targets ``"q"``, ``"k"``, ``"v"``, ``"out"`` pick blocks."""
+    weight route is exact; targets ``"q"``, ``"k"``, ``"v"``, ``"out"`` pick blocks."""
 
     name = "torch.nn.MultiheadAttention"
 
@@ -185,7 +186,7 @@ class RNNRule(Rule):
 
 
 class RNNCellRule(Rule):
-    """RNNCell, LSTMCell and GRUCell: ``weight_ih`` and ``weight_hh``, weight path
+    """RNNCell, LSTMCell and GRUCell: ``weight_ih`` and ``weight_hh``, weight route
     (the cell hands both to a fused kernel)."""
 
     name = "torch.nn.RNNCellBase"

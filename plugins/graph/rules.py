@@ -28,7 +28,7 @@ _OWN_RULE = (MessagePassing, nn.MultiheadAttention, nn.RNNBase)
 
 class PygLinearRule(LinearRule):
     """torch_geometric's ``Linear``: y = x Wᵀ + b, like ``nn.Linear``, so the core's
-    (fused) activation path is exact for it too. A lazy one (``in_channels=-1``) has
+    (fused) activation route is exact for it too. A lazy one (``in_channels=-1``) has
     no weight until its first forward; the core then refuses it."""
 
     name = "torch_geometric.nn.Linear"
@@ -45,7 +45,7 @@ class HeteroLinearRule(Rule):
     r in × out matrices A_k with its own coefficients — the basis decomposition RGCN
     uses for its relation weights, applied to the update (rank ≤ number of types).
     The bias table is a types × out matrix like an embedding table, and gets a
-    low-rank update too. Both are read by the forward each time, so the weight path
+    low-rank update too. Both are read by the forward each time, so the weight route
     is exact. Without pyg-lib's segment_matmul that forward reads ``weight[t]`` once
     per type; the core forms W + ΔW once per forward call all the same."""
 

@@ -30,7 +30,7 @@ import torchaudio  # inactive when torchaudio is not installed
 from torch import nn
 from torchaudio.models.wav2vec2.components import LogitGenerator
 
-from lora_anywhere import Rule, Target, hookimpl
+from lora_anywhere import LoraError, Rule, Target, hookimpl
 
 
 class LabelEmbeddingRule(Rule):
@@ -48,7 +48,7 @@ def build(name: str, **kwargs: Any) -> nn.Module:
     """``torchaudio:<factory>`` → ``torchaudio.models.<factory>(**kwargs)``: random weights."""
     factory = getattr(torchaudio.models, name, None)
     if not callable(factory) or name.startswith("_"):
-        raise ValueError(f"torchaudio.models has no model factory {name!r} (e.g. 'wav2vec2_base', 'Conformer', 'conv_tasnet_base')")
+        raise LoraError(f"torchaudio.models has no model factory {name!r} (e.g. 'wav2vec2_base', 'Conformer', 'conv_tasnet_base')")
     return factory(**kwargs)
 
 

@@ -26,10 +26,11 @@ import transformers  # inactive when transformers is not installed
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lora_anywhere import Rule, Target, hookimpl
+from lora_anywhere import LoraError, Rule, Target, hookimpl
 from lora_anywhere.rules.torch_nn import many_rows
 
-WEIGHT = (Target("weight", "weight"),)
+#: The one target of a layer that adapts its whole `weight`.
+WEIGHT_TARGET = (Target("weight", "weight"),)
 
 
 class Conv1DRule(Rule):
@@ -46,7 +47,7 @@ class Conv1DRule(Rule):
     activation_base = Conv1D
 
     def targets(self, layer: nn.Module) -> Sequence[Target]:
-        return WEIGHT
+        return WEIGHT_TARGET
 
     def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
         return many_rows(x.numel() // max(x.shape[-1], 1), *weight.shape)
@@ -123,7 +124,7 @@ def build(name: str, **kwargs: Any) -> nn.Module:
     cls = getattr(transformers, name, None)
     config_class = getattr(cls, "config_class", None)
     if not isinstance(cls, type) or not issubclass(cls, nn.Module) or config_class is None:
-        raise ValueError(f"transformers has no model class {name!r} (e.g. 'BertModel', 'GPT2LMHeadModel', 'T5Model', 'WhisperModel')")
+        raise LoraError(f"transformers has no model class {name!r} (e.g. 'BertModel', 'GPT2LMHeadModel', 'T5Model', 'WhisperModel')")
     return cls(tiny_config(config_class, **kwargs))
 
 

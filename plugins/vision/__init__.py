@@ -79,7 +79,9 @@ def build_torchvision(name: str, **kwargs: Any) -> nn.Module:
     for arg in inspect.signature(models.get_model_builder(name)).parameters:
         if arg.startswith("weights"):
             if kwargs.get(arg) is not None:
-                raise LoraError(f"the torchvision: model source builds random weights and downloads nothing ({arg}=…); load a checkpoint into the model yourself")
+                raise LoraError(
+                    f"the torchvision: model source builds random weights and downloads nothing ({arg}=…); load a checkpoint into the model yourself"
+                )
             kwargs[arg] = None
     return models.get_model(name, **kwargs)
 

@@ -81,7 +81,9 @@ class FusedAttentionRule(Rule):
                     found.append(Target(name, "weight", self.qkv, (start, start + size)))
                     start += size
         elif self.separate is not None:
-            found.extend(Target(name, "weight", attr) for name, attr in zip(QKV, self.separate) if isinstance(getattr(layer, attr, None), nn.Module))
+            found.extend(
+                Target(name, "weight", attr) for name, attr in zip(QKV, self.separate) if isinstance(getattr(layer, attr, None), nn.Module)
+            )
         if isinstance(getattr(layer, self.proj, None), nn.Module):
             found.append(Target("proj", "weight", self.proj))
         # A block that does not fit (a subclass built differently) offers nothing: the

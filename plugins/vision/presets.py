@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from lora_anywhere import Rule
+from lora_anywhere.rule import rule_in_mro
 
 Predicate = Callable[[str, nn.Module], "bool | frozenset[str]"]
 
@@ -28,13 +29,6 @@ NOT_MLP = frozenset({"attn", "attention", "rel_pos"})
 WEIGHT_LAYERS = (nn.Linear, _ConvNd)
 
 
-def _rule_of(module: nn.Module, rules: Mapping[type, Rule]) -> Rule | None:
-    for cls in type(module).__mro__:
-        if cls in rules:
-            return rules[cls]
-    return None
-
-
 def attention_preset(rules: Mapping[type, Rule], parts: frozenset[str], mha_parts: frozenset[str], name: str) -> Predicate:
     """Select ``parts`` of every attention block a rule of ``rules`` covers,
     ``mha_parts`` of every nn.MultiheadAttention, and — where q, k and v share rows
@@ -44,7 +38,7 @@ def attention_preset(rules: Mapping[type, Rule], parts: frozenset[str], mha_part
     def select(module_name: str, module: nn.Module) -> bool | frozenset[str]:
         if isinstance(module, nn.MultiheadAttention):
             return mha_parts
-        rule = _rule_of(module, rules)
+        rule = rule_in_mro(rules, module)
         if rule is not None:
             offered = {t.name for t in rule.targets(module)}
             return frozenset(parts & offered) or False

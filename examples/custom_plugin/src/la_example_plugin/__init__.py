@@ -30,7 +30,7 @@ class GatedLinear(nn.Module):
 
 
 class GatedLinearRule(la.Rule):
-    """Both matrices are adaptable, each seen as out × in. A weight-path rule needs
+    """Both matrices are adaptable, each seen as out × in. A weight-route rule needs
     nothing more: the layer's own forward then reads W + ΔW, and merging is exact."""
 
     name = "la_example_plugin.GatedLinear"

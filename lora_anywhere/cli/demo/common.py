@@ -16,10 +16,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .. import api, attach, io
-from ..errors import LoraError
-from ..named import disabled
-from ..trainer import Trainer
+from ... import api, attach, io
+from ...errors import DemoError
+from ...log import logger
+from ...named import disabled
+from ...training.trainer import Trainer
 
 #: How the three ways of adapting to task B are named in the table.
 LORA, HEAD, FULL = "LoRA", "head only", "full FT"
@@ -27,10 +28,6 @@ METHODS = (LORA, HEAD, FULL)
 #: Outputs of the merged, unmerged and reloaded model must agree to this, relative to
 #: the largest output (float32 rounding is ~1e-7).
 TOLERANCE = 1e-5
-
-
-class DemoError(LoraError):
-    """A domain's exactness check failed, or the demo was asked for something it lacks."""
 
 
 @dataclass
@@ -132,7 +129,7 @@ def folder_bytes(folder: Path) -> int:
     return (folder / io.TENSORS_FILE).stat().st_size
 
 
-def run_domain(domain: Domain, out: Path, *, fast: bool, device: str, say: Callable[[str], None]) -> Outcome:
+def run_domain(domain: Domain, out: Path, *, fast: bool, device: str) -> Outcome:
     """The whole protocol for one domain; see the module docstring."""
     out = out / domain.name
     data_a, data_b = domain.data_a(fast), domain.data_b(fast)
@@ -144,7 +141,7 @@ def run_domain(domain: Domain, out: Path, *, fast: bool, device: str, say: Calla
     trainer, seconds = fit(domain, base, data_a, epochs=epochs_a, lr=domain.lr_a, out_dir=out / "pretrain", device=device)
     acc_a = trainer.evaluate(data_a.test, task=domain.test_task)["accuracy"]
     pretrained = {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
-    say(f"{domain.name}: pretrained {domain.model} on task A ({domain.task_a}): test accuracy {acc_a:.3f}, {seconds:.1f} s")
+    logger.info(f"{domain.name}: pretrained {domain.model} on task A ({domain.task_a}): test accuracy {acc_a:.3f}, {seconds:.1f} s")
 
     def fresh() -> nn.Module:
         """The pretrained base with a new, identically initialised head for task B."""
@@ -171,13 +168,15 @@ def run_domain(domain: Domain, out: Path, *, fast: bool, device: str, say: Calla
         saved = io.save_adapter(model, out / _slug(method) / "final")
         curve = [row["val_accuracy"] for row in trainer.history]
         rows.append(Row(domain.name, method, accuracy, trainable, total, seconds, folder_bytes(saved), curve))
-        say(f"{domain.name}: {method:<9} on task B ({domain.task_b}): test accuracy {accuracy:.3f}, {seconds:.1f} s")
+        logger.info(f"{domain.name}: {method:<9} on task B ({domain.task_b}): test accuracy {accuracy:.3f}, {seconds:.1f} s")
         if method == LORA:
             lora_model = model
 
     assert lora_model is not None
     merge_error, reload_error, scale, adapter_dir = check_exact(lora_model, fresh, domain, data_b, out / "adapter")
-    say(f"{domain.name}: merged vs unmerged max |Δ| {merge_error:.1e}; adapter reloaded onto a fresh base: max |Δ| {reload_error:.1e}")
+    logger.info(
+        f"{domain.name}: merged vs unmerged max |Δ| {merge_error:.1e}; adapter reloaded onto a fresh base: max |Δ| {reload_error:.1e}"
+    )
     if not max(merge_error, reload_error) <= TOLERANCE * scale:
         raise DemoError(
             f"demo {domain.name}: exactness check failed: merged vs unmerged {merge_error:.2e}, reloaded vs trained {reload_error:.2e} "
@@ -187,7 +186,9 @@ def run_domain(domain: Domain, out: Path, *, fast: bool, device: str, say: Calla
 
 
 @torch.no_grad()
-def check_exact(model: nn.Module, fresh: Callable[[], nn.Module], domain: Domain, data: Data, folder: Path) -> tuple[float, float, float, Path]:
+def check_exact(
+    model: nn.Module, fresh: Callable[[], nn.Module], domain: Domain, data: Data, folder: Path
+) -> tuple[float, float, float, Path]:
     """Merged vs unmerged outputs, and a saved adapter reloaded onto a fresh base vs
     the trained model, on CPU in float32 where they must agree to rounding. Returns
     both max differences, the largest output (the scale of rounding) and the folder.
@@ -209,7 +210,9 @@ def check_exact(model: nn.Module, fresh: Callable[[], nn.Module], domain: Domain
     scale = max(1.0, unmerged.abs().max().item())
     effect = (unmerged - without).abs().max().item()
     if effect <= 100 * TOLERANCE * scale:
-        raise DemoError(f"demo {domain.name}: the trained LoRA adapter changes the outputs by only {effect:.1e}, so the exactness checks would prove nothing; train longer or with a higher lr")
+        raise DemoError(
+            f"demo {domain.name}: the trained LoRA adapter changes the outputs by only {effect:.1e}, so the exactness checks would prove nothing; train longer or with a higher lr"
+        )
     return (merged - unmerged).abs().max().item(), (again - unmerged).abs().max().item(), scale, saved
 
 

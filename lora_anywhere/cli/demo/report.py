@@ -6,7 +6,7 @@ import csv
 import io
 from pathlib import Path
 
-from ..atomic import atomic_file
+from ...atomic import atomic_file
 from .common import METHODS, Outcome
 
 
@@ -38,7 +38,9 @@ def table(outcomes: list[Outcome]) -> str:
 
     out = [fmt(headers), fmt(tuple("-" * w for w in widths)), *(fmt(line) for line in lines), ""]
     chance = ", ".join(sorted({f"{o.chance_b:.2f}" for o in outcomes}))
-    out.append(f"accuracy: on held-out task-B data (chance {chance}); trainable params: share of the base model's; train time: the whole fit")
+    out.append(
+        f"accuracy: on held-out task-B data (chance {chance}); trainable params: share of the base model's; train time: the whole fit"
+    )
     for o in outcomes:
         out.append(
             f"{o.domain.name}: task A test accuracy {o.task_a_accuracy:.3f}; LoRA merged vs unmerged max |Δ| {o.merge_error:.1e}, "
@@ -50,10 +52,36 @@ def table(outcomes: list[Outcome]) -> str:
 def write_csv(outcomes: list[Outcome], path: Path) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["domain", "task_a", "task_b", "task_a_accuracy", "method", "accuracy", "trainable_params", "base_params", "train_seconds", "adapter_bytes"])
+    writer.writerow(
+        [
+            "domain",
+            "task_a",
+            "task_b",
+            "task_a_accuracy",
+            "method",
+            "accuracy",
+            "trainable_params",
+            "base_params",
+            "train_seconds",
+            "adapter_bytes",
+        ]
+    )
     for o in outcomes:
         for r in o.rows:
-            writer.writerow([o.domain.name, o.domain.task_a, o.domain.task_b, f"{o.task_a_accuracy:.4f}", r.method, f"{r.accuracy:.4f}", r.trainable, r.total, f"{r.seconds:.2f}", r.file_bytes])
+            writer.writerow(
+                [
+                    o.domain.name,
+                    o.domain.task_a,
+                    o.domain.task_b,
+                    f"{o.task_a_accuracy:.4f}",
+                    r.method,
+                    f"{r.accuracy:.4f}",
+                    r.trainable,
+                    r.total,
+                    f"{r.seconds:.2f}",
+                    r.file_bytes,
+                ]
+            )
     with atomic_file(path) as tmp:
         tmp.write_text(buffer.getvalue())
 

@@ -18,7 +18,7 @@ import torchaudio
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..tasks import AudioClassification
+from ...training.tasks import AudioClassification
 from .common import FULL, HEAD, LORA, Data, Domain
 
 RATE = 8000

@@ -29,11 +29,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .errors import LoraError
-
-
-class DataSpecError(LoraError):
-    """The [data] section of a config, or the files it points at, cannot be used."""
+from ..errors import DataSpecError
 
 
 @dataclass
@@ -54,14 +50,16 @@ _COMMON = {"kind", "train", "val", "val_fraction"}
 def _check_keys(kind: str, options: dict[str, Any], allowed: set[str]) -> None:
     unknown = sorted(set(options) - allowed - _COMMON)
     if unknown:
-        raise DataSpecError(f"[data] kind {kind!r} has no option {', '.join(map(repr, unknown))}; its options are {', '.join(sorted(allowed | _COMMON))}")
+        raise DataSpecError(
+            f"[data] kind {kind!r} has no option {', '.join(map(repr, unknown))}; its options are {', '.join(sorted(allowed | _COMMON))}"
+        )
 
 
 def _path(options: dict[str, Any], key: str, base: Path, *, required: bool, folder: bool | None) -> Path | None:
     value = options.get(key)
     if value is None:
         if required:
-            raise DataSpecError(f"[data] needs {key} = \"PATH\" (relative to the config file's folder)")
+            raise DataSpecError(f'[data] needs {key} = "PATH" (relative to the config file\'s folder)')
         return None
     if not isinstance(value, str):
         raise DataSpecError(f"[data] {key} must be a path string, got {value!r}")
@@ -88,7 +86,7 @@ def _split(dataset: Any, options: dict[str, Any], seed: int) -> tuple[Any, Any]:
     n = len(dataset)
     n_val = max(1, round(n * fraction))
     if n - n_val < 1:
-        raise DataSpecError(f"[data] {n} examples are too few to split off a validation set; add data or give val = \"PATH\"")
+        raise DataSpecError(f'[data] {n} examples are too few to split off a validation set; add data or give val = "PATH"')
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return Subset(dataset, order[n_val:]), Subset(dataset, order[:n_val])
 
@@ -114,7 +112,9 @@ def load_images(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
     except ImportError as exc:
         raise DataSpecError("[data] kind 'image-folder' needs torchvision: pip install 'lora_anywhere[vision]'") from exc
     size = options.get("image_size", 224)
-    if isinstance(size, bool) or not (isinstance(size, int) and size > 0 or isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
+    if isinstance(size, bool) or not (
+        isinstance(size, int) and size > 0 or isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)
+    ):
         raise DataSpecError(f"[data] image_size must be a positive integer or [height, width], got {size!r}")
     steps: list[Any] = [transforms.Resize(size if isinstance(size, int) else tuple(size))]
     if options.get("grayscale", False):
@@ -139,11 +139,19 @@ def load_images(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
     if val_dir is not None:
         val = folder(val_dir)
         if val.classes != train.classes:
-            raise DataSpecError(f"[data] the class folders differ: train has {train.classes}, val has {val.classes}; use the same class names in both")
+            raise DataSpecError(
+                f"[data] the class folders differ: train has {train.classes}, val has {val.classes}; use the same class names in both"
+            )
         train_set, val_set = train, val
     else:
         train_set, val_set = _split(train, options, seed)
-    return LoadedData(train_set, val_set, list(train.classes), "image-classification", f"{len(train_set)} training and {len(val_set)} validation images of {len(train.classes)} classes")
+    return LoadedData(
+        train_set,
+        val_set,
+        list(train.classes),
+        "image-classification",
+        f"{len(train_set)} training and {len(val_set)} validation images of {len(train.classes)} classes",
+    )
 
 
 # ---------------------------------------------------------------------- graphs
@@ -165,7 +173,9 @@ def load_graphs(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
             try:
                 self.load(str(path))
             except Exception as exc:  # a torch/pickle error: not a file InMemoryDataset.save wrote
-                raise DataSpecError(f"[data] {path} is not a PyG data set file ({type(exc).__name__}: {exc}); write it with InMemoryDataset.save(list_of_graphs, path)") from exc
+                raise DataSpecError(
+                    f"[data] {path} is not a PyG data set file ({type(exc).__name__}: {exc}); write it with InMemoryDataset.save(list_of_graphs, path)"
+                ) from exc
 
     train_path = _path(options, "train", base, required=True, folder=False)
     val_path = _path(options, "val", base, required=False, folder=False)
@@ -174,7 +184,9 @@ def load_graphs(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
         raise DataSpecError(f"[data] {train_path}: the graphs need labels in y (one per node, or one per graph)")
     if len(train) == 1:
         if val_path is not None:
-            raise DataSpecError("[data] node classification takes one graph with train_mask and val_mask; leave out val (or use val_fraction)")
+            raise DataSpecError(
+                "[data] node classification takes one graph with train_mask and val_mask; leave out val (or use val_fraction)"
+            )
         graph = train[0]
         if getattr(graph, "train_mask", None) is None or getattr(graph, "val_mask", None) is None:
             order = torch.randperm(graph.num_nodes, generator=torch.Generator().manual_seed(seed))
@@ -183,7 +195,13 @@ def load_graphs(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
             graph.val_mask[order[:n_val]] = True
             graph.train_mask = ~graph.val_mask
         classes = int(graph.y.max()) + 1
-        return LoadedData(graph, graph, [str(c) for c in range(classes)], "node-classification", f"one graph of {graph.num_nodes} nodes ({int(graph.train_mask.sum())} to train on, {int(graph.val_mask.sum())} to validate on), {classes} classes")
+        return LoadedData(
+            graph,
+            graph,
+            [str(c) for c in range(classes)],
+            "node-classification",
+            f"one graph of {graph.num_nodes} nodes ({int(graph.train_mask.sum())} to train on, {int(graph.val_mask.sum())} to validate on), {classes} classes",
+        )
     graphs = [train[i] for i in range(len(train))]
     if val_path is not None:
         val_data = SavedGraphs(val_path)
@@ -191,7 +209,13 @@ def load_graphs(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
     else:
         train_set, val_set = (list(part) for part in _split(graphs, options, seed))
     classes = int(max(int(g.y.max()) for g in graphs)) + 1
-    return LoadedData(train_set, val_set, [str(c) for c in range(classes)], "graph-classification", f"{len(train_set)} training and {len(val_set)} validation graphs, {classes} classes")
+    return LoadedData(
+        train_set,
+        val_set,
+        [str(c) for c in range(classes)],
+        "graph-classification",
+        f"{len(train_set)} training and {len(val_set)} validation graphs, {classes} classes",
+    )
 
 
 # ---------------------------------------------------------------------- audio
@@ -232,7 +256,9 @@ class AudioFiles(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         wave_, rate = read_wav(self.files[i])
         if rate != self.rate:
-            raise DataSpecError(f"[data] {self.files[i]} has sample rate {rate}, the others {self.rate}; resample it (e.g. ffmpeg -i in.wav -ar {self.rate} out.wav)")
+            raise DataSpecError(
+                f"[data] {self.files[i]} has sample rate {rate}, the others {self.rate}; resample it (e.g. ffmpeg -i in.wav -ar {self.rate} out.wav)"
+            )
         return wave_[: self.max_samples], self.labels[i]
 
 
@@ -269,7 +295,9 @@ def load_audio(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
     _, rate = read_wav(train_pairs[0][0])
     wanted = _int(options, "sample_rate", None)
     if wanted is not None and wanted != rate:
-        raise DataSpecError(f"[data] sample_rate is {wanted}, but {train_pairs[0][0]} has {rate}; resample the files or set sample_rate = {rate}")
+        raise DataSpecError(
+            f"[data] sample_rate is {wanted}, but {train_pairs[0][0]} has {rate}; resample the files or set sample_rate = {rate}"
+        )
     seconds = options.get("max_seconds")
     if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0):
         raise DataSpecError(f"[data] max_seconds must be a positive number, got {seconds!r}")
@@ -281,7 +309,13 @@ def load_audio(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
 
     train = dataset(train_pairs)
     train_set, val_set = (train, dataset(val_pairs)) if val_pairs else _split(train, options, seed)
-    return LoadedData(train_set, val_set, classes, "audio-classification", f"{len(train_set)} training and {len(val_set)} validation clips at {rate} Hz, {len(classes)} classes")
+    return LoadedData(
+        train_set,
+        val_set,
+        classes,
+        "audio-classification",
+        f"{len(train_set)} training and {len(val_set)} validation clips at {rate} Hz, {len(classes)} classes",
+    )
 
 
 # ---------------------------------------------------------------------- text
@@ -358,7 +392,9 @@ def load_text(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
     tokenizer_dir = _path(options, "tokenizer", base, required=False, folder=True)
     if tokenizer_dir is not None:
         if "vocab_size" in options:
-            raise DataSpecError("[data] give either tokenizer (a local Hugging Face tokenizer folder) or vocab_size (the hashing tokenizer), not both")
+            raise DataSpecError(
+                "[data] give either tokenizer (a local Hugging Face tokenizer folder) or vocab_size (the hashing tokenizer), not both"
+            )
         try:
             from transformers import AutoTokenizer
 
@@ -366,13 +402,17 @@ def load_text(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
         except ImportError as exc:
             raise DataSpecError("[data] tokenizer needs transformers: pip install 'lora_anywhere[text]'") from exc
         except (OSError, ValueError) as exc:
-            raise DataSpecError(f"[data] tokenizer: {tokenizer_dir} is not a tokenizer folder ({exc}); save one there with tokenizer.save_pretrained(...)") from exc
+            raise DataSpecError(
+                f"[data] tokenizer: {tokenizer_dir} is not a tokenizer folder ({exc}); save one there with tokenizer.save_pretrained(...)"
+            ) from exc
         encode: Callable[[str], list[int]] = lambda text: hf(text, truncation=True, max_length=max_length)["input_ids"]  # noqa: E731
         what = f"tokenizer {tokenizer_dir.name}"
     else:
         vocab_size = _int(options, "vocab_size", None, minimum=2)
         if vocab_size is None:
-            raise DataSpecError("[data] kind 'text-csv' needs vocab_size = N (the rows of the model's token embedding) or tokenizer = \"FOLDER\"")
+            raise DataSpecError(
+                "[data] kind 'text-csv' needs vocab_size = N (the rows of the model's token embedding) or tokenizer = \"FOLDER\""
+            )
         encode = hashing_tokenizer(vocab_size, bool(options.get("lowercase", True)))
         what = f"hashing tokenizer, {vocab_size} ids"
     index = {c: i for i, c in enumerate(classes)}
@@ -386,7 +426,13 @@ def load_text(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
 
     train = dataset(train_rows, train_path)
     train_set, val_set = (train, dataset(val_rows, val_path)) if val_path is not None else _split(train, options, seed)
-    return LoadedData(train_set, val_set, classes, "text-classification", f"{len(train_set)} training and {len(val_set)} validation texts ({what}), {len(classes)} classes")
+    return LoadedData(
+        train_set,
+        val_set,
+        classes,
+        "text-classification",
+        f"{len(train_set)} training and {len(val_set)} validation texts ({what}), {len(classes)} classes",
+    )
 
 
 KINDS: dict[str, Callable[[dict[str, Any], Path, int], LoadedData]] = {

@@ -3,7 +3,7 @@
 Each penalty is a function ``penalty(model) -> scalar tensor`` with gradients to the
 adapters, so it works in a hand-written loop (``loss = task_loss + 0.01 *
 delta_frobenius(model)``) and in the trainer (``Trainer(..., regularizer=penalty,
-weight=0.01)``). Norms of ΔW = s·B·A are computed through r×r products, never by
+regularizer_weight=0.01)``). Norms of ΔW = s·B·A are computed through r×r products, never by
 forming ΔW.
 """
 
@@ -14,9 +14,9 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .adapter import LowRank, ResolvedTarget
-from .api import adapted_layers
-from .errors import LoraError, TargetError
+from ..adapter import LowRank, ResolvedTarget
+from ..errors import LoraError, TargetError
+from ..state import adapted_layers
 
 Penalty = Callable[[nn.Module], torch.Tensor]
 
@@ -47,7 +47,9 @@ def delta_frobenius(model: nn.Module, name: str | None = None) -> torch.Tensor:
 def _target_matrix(key: str, t: ResolvedTarget, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     rows, cols = t.matrix_shape
     if value.numel() != rows * cols:
-        raise TargetError(f"target matrix for {key} has shape {tuple(value.shape)}; it must hold {rows}×{cols} values (the matrix view of {t.tensor})")
+        raise TargetError(
+            f"target matrix for {key} has shape {tuple(value.shape)}; it must hold {rows}×{cols} values (the matrix view of {t.tensor})"
+        )
     return value.reshape(rows, cols).to(like)
 
 
@@ -69,7 +71,9 @@ def delta_distance(targets: Mapping[str, torch.Tensor], name: str | None = None)
             terms.append(_squared_norm(f) - 2 * f.scale * ((b.T @ target) * a).sum() + target.pow(2).sum())
         unknown = sorted(set(targets) - used)
         if unknown:
-            raise TargetError(f"delta_distance: no adapted matrix named {', '.join(unknown)}; keys look like 'layer/target', e.g. 'encoder.0/weight'")
+            raise TargetError(
+                f"delta_distance: no adapted matrix named {', '.join(unknown)}; keys look like 'layer/target', e.g. 'encoder.0/weight'"
+            )
         return torch.stack(terms).sum()
 
     return penalty

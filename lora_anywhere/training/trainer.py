@@ -15,6 +15,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -31,10 +32,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .api import model_state
-from .atomic import atomic_dir, atomic_file
-from .errors import AdapterFileError, LoraError, NotAdaptedError
-from .io import adapter_state_dict, read_adapter, save_adapter
+from ..atomic import atomic_dir, atomic_file
+from ..errors import AdapterFileError, LoraError, NonFiniteLossError, NotAdaptedError
+from ..io import adapter_state_dict, read_adapter, save_adapter
+from ..log import logger
+from ..state import model_state
 from .tasks import LoaderSpec, StepResult, Task, get_task
 
 STATE_FILE = "trainer_state.pt"
@@ -42,14 +44,14 @@ STATE_VERSION = 1
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; training stopped before the bad step was taken."""
-
-
-def notice(message: str) -> None:
-    """A one-line message for the user, from rank 0 only."""
+def _say(message: str, level: int = logging.INFO) -> None:
+    """One line for the `lora_anywhere` logger, from rank 0 only (see `log.py`)."""
     if _rank() == 0:
-        print(f"lora_anywhere: {message}", file=sys.stderr, flush=True)
+        logger.log(level, message)
+
+
+def _warn(message: str) -> None:
+    _say(message, logging.WARNING)
 
 
 class Trainer:
@@ -67,7 +69,7 @@ class Trainer:
     ``out_dir``: ``metrics.csv`` (or ``.jsonl``), ``curves.png``, ``best/`` (the best
     adapter) and ``last/`` (the adapter plus the state `resume=True` continues from).
     ``regularizer`` (a penalty ``f(model) -> tensor``, see `lora_anywhere.regularize`)
-    with ``weight`` λ trains on task loss + λ·penalty.
+    with ``regularizer_weight`` λ trains on task loss + λ·penalty (``weight`` is its old name).
     """
 
     def __init__(
@@ -98,7 +100,8 @@ class Trainer:
         adapter: str | None = None,
         find_unused_parameters: bool | None = None,
         regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
-        weight: float = 0.0,
+        regularizer_weight: float = 0.0,
+        weight: float | None = None,
     ) -> None:
         _check(isinstance(epochs, int) and epochs >= 1, f"epochs must be a positive integer, got {epochs!r}")
         _check(isinstance(grad_accum, int) and grad_accum >= 1, f"grad_accum must be a positive integer, got {grad_accum!r}")
@@ -118,7 +121,7 @@ class Trainer:
         self.adapter = adapter or next(iter(state.adapters))
         self.trainable_modules = sorted({m for config in state.adapters.values() for m in config.trainable})
 
-        self.rank, self.world_size, self.device = _setup(device)
+        self.process_rank, self.world_size, self.device = _setup(device)
         self.model = model.to(self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
@@ -127,20 +130,30 @@ class Trainer:
         self.train_data, self.val_data = train_data, val_data
         self.epochs, self.grad_accum, self.clip, self.seed = epochs, grad_accum, clip, seed
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.precision = ("bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32") if precision == "auto" else precision
+        self.precision = (
+            ("bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32") if precision == "auto" else precision
+        )
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.log_format = log_format
-        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.rank == 0
+        # Bars on a terminal (or when asked); one logged line per epoch unless progress=False.
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.process_rank == 0
+        self.report_epochs = progress is not False
         self.monitor, self.patience, self.resume = monitor, patience, resume
         self.find_unused_parameters = find_unused_parameters
-        _check(regularizer is None or callable(regularizer), "regularizer must be a function penalty(model) -> tensor, e.g. lora_anywhere.regularize.delta_frobenius")
-        _check(weight >= 0, f"weight (λ of the regularizer) must be ≥ 0, got {weight!r}")
-        self.regularizer, self.weight = regularizer, float(weight)
+        _check(
+            regularizer is None or callable(regularizer),
+            "regularizer must be a function penalty(model) -> tensor, e.g. lora_anywhere.regularize.delta_frobenius",
+        )
+        if weight is not None:  # the old name of regularizer_weight
+            _check(regularizer_weight in (0, weight), "weight is the old name of regularizer_weight; give only regularizer_weight")
+            regularizer_weight = weight
+        _check(regularizer_weight >= 0, f"regularizer_weight (λ of the regularizer) must be ≥ 0, got {regularizer_weight!r}")
+        self.regularizer, self.regularizer_weight = regularizer, float(regularizer_weight)
 
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         per_epoch = _length(self.task.batches(train_data, train=True, spec=self._spec(0)))
         if per_epoch is None and schedule != "constant":
-            notice(f"the training data has no len(), so the {schedule} schedule cannot be planned; using a constant lr")
+            _warn(f"the training data has no len(), so the {schedule} schedule cannot be planned; using a constant lr")
             schedule = "constant"
         total = epochs * math.ceil((per_epoch or 1) / grad_accum)
         warm = int(warmup * total) if warmup < 1 else int(warmup)
@@ -170,7 +183,11 @@ class Trainer:
                 train = self._train_epoch(net, epoch, resume_at)
                 if train is None:
                     self.interrupted = True
-                    notice(f"interrupted: checkpoint saved to {self.out_dir / 'last'}; run again with resume=True to continue" if self.out_dir else "interrupted")
+                    _warn(
+                        f"interrupted: checkpoint saved to {self.out_dir / 'last'}; run again with resume=True to continue"
+                        if self.out_dir
+                        else "interrupted"
+                    )
                     break
                 row: dict[str, float] = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()}}
                 if self.val_data is not None:
@@ -178,19 +195,25 @@ class Trainer:
                 row["lr"] = self.scheduler.get_last_lr()[0]
                 row["seconds"] = round(time.perf_counter() - started, 3)
                 self.history.append(row)
-                if self.progress:  # the bars vanish when done; the epoch's numbers stay
-                    print(f"epoch {epoch + 1}/{self.epochs}  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"), file=sys.stderr)
+                # One line per epoch, terminal or not (nohup, Slurm, CI); the bars vanish.
+                if self.report_epochs:
+                    _say(f"epoch {epoch + 1}/{self.epochs}  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
                 stop = self._end_of_epoch(row)
                 self._save_checkpoint({"epoch": epoch + 1, "batch": 0, "rng_epoch": _rng_state(self.device)})
                 self._write_logs()
                 if self._agreed(self._stop.requested):
                     self.interrupted = True
-                    notice(f"interrupted after epoch {epoch + 1}; run again with resume=True to continue")
+                    _warn(f"interrupted after epoch {epoch + 1}; run again with resume=True to continue")
                     break
                 if stop:
-                    notice(f"early stopping after epoch {epoch + 1}: {self.monitor} has not improved for {self.patience} epochs")
+                    _say(f"early stopping after epoch {epoch + 1}: {self.monitor} has not improved for {self.patience} epochs")
                     break
         return self.history
+
+    @property
+    def rank(self) -> int:
+        """The old name of `process_rank` (this process's index under torchrun, not a LoRA rank)."""
+        return self.process_rank
 
     @torch.no_grad()
     def evaluate(self, data: Any, task: str | Task | None = None) -> dict[str, float]:
@@ -228,7 +251,7 @@ class Trainer:
                         result = self.task.step(net, _to_device(batch, self.device), train=True)
                     objective = result.loss
                     if self.regularizer is not None:  # the task loss + λ·penalty; metrics keep the task loss
-                        objective = objective + self.weight * self.regularizer(self.model)
+                        objective = objective + self.regularizer_weight * self.regularizer(self.model)
                     bad, stop = self._flags(objective)
                     if bad:
                         raise NonFiniteLossError(self._diverged_message(objective, epoch, i))
@@ -241,7 +264,15 @@ class Trainer:
                     self._optimizer_step()
                     done = i + 1
                     if stop and (n is None or done < n):
-                        self._save_checkpoint({"epoch": epoch, "batch": done, "rng_epoch": rng_epoch, "rng": _rng_state(self.device), "totals": totals.state()})
+                        self._save_checkpoint(
+                            {
+                                "epoch": epoch,
+                                "batch": done,
+                                "rng_epoch": rng_epoch,
+                                "rng": _rng_state(self.device),
+                                "totals": totals.state(),
+                            }
+                        )
                         return None
             if done < seen:  # a trailing partial group (data without len)
                 self._optimizer_step()
@@ -293,7 +324,7 @@ class Trainer:
         better = self.best is None or (value < self.best if _minimise(self.monitor) else value > self.best)
         if better:
             self.best, self.bad_epochs = value, 0
-            if self.out_dir is not None and self.rank == 0:
+            if self.out_dir is not None and self.process_rank == 0:
                 save_adapter(self.model, self.out_dir / "best", name=self.adapter)
             return False
         self.bad_epochs += 1
@@ -322,7 +353,7 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
 
     def _spec(self, epoch: int) -> LoaderSpec:
-        return LoaderSpec(self.batch_size, self.num_workers, self.seed, epoch, self.rank, self.world_size)
+        return LoaderSpec(self.batch_size, self.num_workers, self.seed, epoch, self.process_rank, self.world_size)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "bf16":
@@ -381,7 +412,7 @@ class Trainer:
     # ------------------------------------------------------------------ files
 
     def _save_checkpoint(self, position: dict[str, Any]) -> None:
-        if self.out_dir is None or self.rank != 0:
+        if self.out_dir is None or self.process_rank != 0:
             return
         state = {
             "version": STATE_VERSION,
@@ -402,7 +433,7 @@ class Trainer:
         assert self.out_dir is not None
         folder = self.out_dir / "last"
         if not (folder / STATE_FILE).is_file():
-            notice(f"no checkpoint in {folder}; starting from the beginning")
+            _warn(f"no checkpoint in {folder}; starting from the beginning")
             return None
         try:
             state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
@@ -415,13 +446,13 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.history, self.best, self.bad_epochs = list(state["history"]), state["best"], state["bad_epochs"]
         if state["epoch"] >= self.epochs:
-            notice(f"the run in {folder} already finished its {state['epoch']} epochs; nothing to resume")
+            _warn(f"the run in {folder} already finished its {state['epoch']} epochs; nothing to resume")
         else:
-            notice(f"resuming from {folder}: epoch {state['epoch'] + 1}, batch {state['batch']}")
+            _say(f"resuming from {folder}: epoch {state['epoch'] + 1}, batch {state['batch']}")
         return state
 
     def _write_logs(self) -> None:
-        if self.out_dir is None or self.rank != 0:
+        if self.out_dir is None or self.process_rank != 0:
             return
         if self.log_format == "jsonl":
             text = "".join(json.dumps(row) + "\n" for row in self.history)
@@ -515,7 +546,7 @@ class _StopRequest:
                 raise KeyboardInterrupt
             return
         self.requested, self._first = True, time.monotonic()
-        notice("stopping after this step and saving a checkpoint (press Ctrl-C again to quit at once)")
+        _warn("stopping after this step and saving a checkpoint (press Ctrl-C again to quit at once)")
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -598,11 +629,15 @@ def _copy_adapter(model: nn.Module, folder: Path, name: str) -> None:
     current = adapter_state_dict(model, name)  # detached views of the live tensors
     if set(saved) != set(current):
         differ = sorted(set(saved) ^ set(current))
-        raise AdapterFileError(f"the checkpoint in {folder} was saved from another adapter setup (differs in {', '.join(differ[:5])}); use a fresh out_dir")
+        raise AdapterFileError(
+            f"the checkpoint in {folder} was saved from another adapter setup (differs in {', '.join(differ[:5])}); use a fresh out_dir"
+        )
     with torch.no_grad():
         for key, tensor in current.items():
             if tensor.shape != saved[key].shape:
-                raise AdapterFileError(f"the checkpoint in {folder} has {key} of shape {tuple(saved[key].shape)}, the model {tuple(tensor.shape)}")
+                raise AdapterFileError(
+                    f"the checkpoint in {folder} has {key} of shape {tuple(saved[key].shape)}, the model {tuple(tensor.shape)}"
+                )
             tensor.copy_(saved[key])
 
 
@@ -652,7 +687,7 @@ def _optional(module: str, what: str) -> Any:
     except ImportError:
         if module not in _MISSING_NOTED:
             _MISSING_NOTED.add(module)
-            notice(f"{module} is not installed, so {what}; pip install 'lora_anywhere[train]'")
+            _warn(f"{module} is not installed, so {what}; pip install 'lora_anywhere[train]'")
         return None
 
 

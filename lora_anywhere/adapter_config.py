@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-FORMAT = "lora_anywhere.adapter/1"
+FORMAT = "lora_anywhere.adapter/2"
+#: Older formats this version still reads. /1 called the compute route "path".
+READABLE_FORMATS = ("lora_anywhere.adapter/1", FORMAT)
 
 
 @dataclass
@@ -24,7 +26,7 @@ class TargetRecord:
 class LayerRecord:
     rule: str
     type: str
-    path: str
+    route: str  # "activation", "weight" or "mixed": how it was computed when saved
     scale: float
     targets: dict[str, TargetRecord]
 
@@ -35,7 +37,7 @@ class AdapterConfig:
     rank: int
     alpha: float
     dropout: float
-    path: str
+    route: str
     targets: list[str] | None
     exclude: list[str] | None
     trainable: list[str]
@@ -51,18 +53,16 @@ class AdapterConfig:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "AdapterConfig":
+    def from_json(cls, data: dict[str, Any]) -> AdapterConfig:
         layers = {
-            name: LayerRecord(**{**rec, "targets": {k: TargetRecord(**t) for k, t in rec["targets"].items()}})
+            name: LayerRecord(**{**_renamed(rec), "targets": {k: TargetRecord(**t) for k, t in rec["targets"].items()}})
             for name, rec in data["layers"].items()
         }
-        return cls(**{**data, "layers": layers})
+        return cls(**{**_renamed(data), "layers": layers, "format": FORMAT})
 
 
-@dataclass
-class ModelState:
-    """Kept on the root model: its adapters' configs and the requires_grad flags the
-    model had before the first `apply`, restored by `remove`."""
-
-    adapters: dict[str, AdapterConfig] = field(default_factory=dict)
-    requires_grad: dict[str, bool] = field(default_factory=dict)
+def _renamed(record: dict[str, Any]) -> dict[str, Any]:
+    """Format /1 wrote the compute route under the key "path"."""
+    if "path" in record and "route" not in record:
+        record = {("route" if k == "path" else k): v for k, v in record.items()}
+    return record

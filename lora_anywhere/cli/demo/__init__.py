@@ -14,13 +14,15 @@ from __future__ import annotations
 import importlib
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
+from ...errors import DemoError
+from ...log import logger
 from . import report
-from .common import DemoError, Outcome, run_domain
-from .vision import SmallCNN  # noqa: F401  (a model for `lora-anywhere inspect lora_anywhere.demo:SmallCNN`)
+from .common import Outcome, run_domain
+from .vision import SmallCNN  # noqa: F401  (a model for `lora-anywhere inspect lora_anywhere.cli.demo:SmallCNN`)
 
 DOMAINS = ("vision", "graph", "speech", "text")
 #: The framework each domain needs beyond torch; without it the domain is skipped.
@@ -46,9 +48,9 @@ def run_demo(
     fast: bool = False,
     device: str = "auto",
     threads: int | None = 1,
-    say: Callable[[str], None] = print,
 ) -> list[Outcome]:
-    """Run the demo for `domains`; print progress lines and the table with `say`.
+    """Run the demo for `domains`: progress lines go to the `lora_anywhere` logger,
+    the results table (also returned, as outcomes) to results.csv and curves.png.
 
     ``fast`` trains on less data for fewer epochs (for tests: the numbers are then
     not the ones the README reports). ``threads`` caps torch's CPU threads: these
@@ -66,7 +68,7 @@ def run_demo(
     if threads is not None and device == "cpu":
         torch.set_num_threads(threads)
     where = f"{device} ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''})" if device == "cpu" else device
-    say(f"lora_anywhere demo: {', '.join(names)} on {where}{', fast mode' if fast else ''}; results in {out}")
+    logger.info(f"lora_anywhere demo: {', '.join(names)} on {where}{', fast mode' if fast else ''}; results in {out}")
     start = time.perf_counter()
     outcomes: list[Outcome] = []
     try:
@@ -77,17 +79,16 @@ def run_demo(
                 framework = FRAMEWORKS.get(name)
                 if framework is None or (exc.name or "").split(".")[0] != framework:
                     raise
-                say(f"{name}: skipped: {framework} is not installed (pip install 'lora_anywhere[{name}]')")
+                logger.info(f"{name}: skipped: {framework} is not installed (pip install 'lora_anywhere[{name}]')")
                 continue
-            outcomes.append(run_domain(module.DOMAIN, out, fast=fast, device=device, say=say))
+            outcomes.append(run_domain(module.DOMAIN, out, fast=fast, device=device))
     finally:
         torch.set_num_threads(previous)
     if not outcomes:
         raise DemoError("no domain could run: install the frameworks named above")
-    say("")
-    say(report.table(outcomes))
+    logger.info("\n" + report.table(outcomes))
     report.write_csv(outcomes, out / "results.csv")
     plotted = report.plot(outcomes, out / "curves.png")
     files = f"{out / 'results.csv'}" + (f", {out / 'curves.png'}" if plotted else " (no curves.png: matplotlib is not installed)")
-    say(f"\nwritten: {files}; total time {time.perf_counter() - start:.0f} s")
+    logger.info(f"\nwritten: {files}; total time {time.perf_counter() - start:.0f} s")
     return outcomes

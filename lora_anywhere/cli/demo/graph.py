@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torch_geometric.data import Data as Graph
 from torch_geometric.nn.models import GCN
 
-from ..tasks import NodeClassification
+from ...training.tasks import NodeClassification
 from .common import FULL, HEAD, LORA, Data, Domain
 
 FEATURES, GROUPS = 16, 4

@@ -25,6 +25,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 from torch.utils.data._utils.collate import default_collate
 
+from ..errors import TaskError
+
 
 @dataclass
 class StepResult:
@@ -73,7 +75,9 @@ class Task:
         while evaluation shards are not (no sample is counted twice).
         """
         if _is_iterator(data):
-            raise TypeError("training data must be re-iterable (a Dataset, DataLoader or list of batches), not a one-shot iterator or generator")
+            raise TaskError(
+                "training data must be re-iterable (a Dataset, DataLoader or list of batches), not a one-shot iterator or generator"
+            )
         if isinstance(data, Dataset) and not isinstance(data, (IterableDataset, DataLoader)):
             return self._loader(data, train=train, spec=spec, batch_size=spec.batch_size, collate_fn=self.collate, shuffle=train)
         if spec.world_size == 1:
@@ -134,14 +138,16 @@ class Classification(Task):
         """Run the model; return (logits, labels) of the examples that count."""
         if isinstance(batch, Mapping):
             if self.label_key not in batch:
-                raise KeyError(f"{self.name}: a dict batch needs a {self.label_key!r} entry; it has {', '.join(map(repr, batch))}")
+                raise TaskError(f"{self.name}: a dict batch needs a {self.label_key!r} entry; it has {', '.join(map(repr, batch))}")
             labels = batch[self.label_key]
             out = model(**{k: v for k, v in batch.items() if k != self.label_key})
         elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
             *inputs, labels = batch
             out = model(*inputs)
         else:
-            raise TypeError(f"{self.name}: expected a batch (inputs..., labels) or a dict with {self.label_key!r}, got {type(batch).__name__}")
+            raise TaskError(
+                f"{self.name}: expected a batch (inputs..., labels) or a dict with {self.label_key!r}, got {type(batch).__name__}"
+            )
         return logits_of(out), labels
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -288,7 +294,7 @@ BUILTIN: dict[str, type[Task]] = {
 def available_tasks() -> dict[str, Task | type[Task]]:
     """Every task by name: the built-in ones, then those plugins register (a plugin may
     replace a built-in task of the same name)."""
-    from .registry import registry
+    from ..registry import registry
 
     return {**BUILTIN, **registry().tasks}
 
@@ -302,12 +308,14 @@ def get_task(task: str | Task | type[Task] | Callable[[nn.Module, Any], torch.Te
     if isinstance(task, str):
         known = available_tasks()
         if task not in known:
-            raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(sorted(known))} (or pass a Task, or a function loss = fn(model, batch))")
+            raise TaskError(
+                f"unknown task {task!r}; known tasks: {', '.join(sorted(known))} (or pass a Task, or a function loss = fn(model, batch))"
+            )
         found = known[task]
         return found() if isinstance(found, type) else found
     if callable(task):
         return LossTask(task)
-    raise TypeError(f"task must be a name, a lora_anywhere.Task or a function loss = fn(model, batch), got {task!r}")
+    raise TaskError(f"task must be a name, a lora_anywhere.Task or a function loss = fn(model, batch), got {task!r}")
 
 
 def logits_of(out: Any) -> torch.Tensor:
@@ -320,7 +328,9 @@ def logits_of(out: Any) -> torch.Tensor:
     if logits is None and isinstance(out, (tuple, list)) and out:
         logits = out[0]
     if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"cannot find logits in the model's output ({type(out).__name__}); return a tensor, a tuple starting with one, or an object with .logits")
+        raise TaskError(
+            f"cannot find logits in the model's output ({type(out).__name__}); return a tensor, a tuple starting with one, or an object with .logits"
+        )
     return logits
 
 
@@ -334,10 +344,12 @@ class Strided:
         try:
             total = len(data)  # type: ignore[arg-type]
         except TypeError:
-            raise TypeError("under DDP, data without len() cannot be split evenly across ranks; pass a Dataset, a DataLoader or a list of batches") from None
+            raise TaskError(
+                "under DDP, data without len() cannot be split evenly across ranks; pass a Dataset, a DataLoader or a list of batches"
+            ) from None
         self.length = total // world_size if equal else len(range(rank, total, world_size))
         if equal and self.length == 0:
-            raise ValueError(f"{total} batches cannot feed {world_size} ranks; use smaller batches or fewer processes")
+            raise TaskError(f"{total} batches cannot feed {world_size} ranks; use smaller batches or fewer processes")
 
     def __len__(self) -> int:
         return self.length

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..tasks import TextClassification
+from ...training.tasks import TextClassification
 from .common import FULL, HEAD, LORA, Data, Domain
 
 VOCAB, KEYWORDS, MAX_LEN, WIDTH = 40, 4, 24, 32  # ids: 0 padding, 1-4 keywords, 5+ filler
@@ -36,7 +36,9 @@ class KeywordPairs(Dataset):
             ids = torch.randint(1 + KEYWORDS, VOCAB, (length,), generator=g)
             where = torch.randperm(length, generator=g)[:2].sort().values
             ids[where[0]], ids[where[1]] = 1 + first, 1 + second
-            self.items.append({"input_ids": ids, "attention_mask": torch.ones(length, dtype=torch.long), "labels": pair if label == "pair" else first})
+            self.items.append(
+                {"input_ids": ids, "attention_mask": torch.ones(length, dtype=torch.long), "labels": pair if label == "pair" else first}
+            )
 
     def __len__(self) -> int:
         return len(self.items)

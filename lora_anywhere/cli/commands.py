@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from . import __version__
-from .errors import LoraError
+from .. import __version__
+from ..errors import LoraError
+from ..log import console
 
 if TYPE_CHECKING:
-    from .train_config import ModelSpec
+    from .model_spec import ModelSpec
 
 MODEL_HELP = (
     "model spec: torchvision:resnet50, timm:vit_small_patch16_224, torchaudio:wav2vec2_base, "
@@ -30,7 +31,7 @@ def _selectors(text: str | None) -> list[str] | None:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from .registry import plugins
+    from ..registry import plugins
 
     for info in plugins():
         print(info)
@@ -41,16 +42,16 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _model_spec(args: argparse.Namespace) -> ModelSpec:
-    from .train_config import ModelSpec, parse_model_args
+    from .model_spec import ModelSpec, parse_model_args
 
     weights = Path(args.weights) if getattr(args, "weights", None) else None
     return ModelSpec(args.model, parse_model_args(args.model_arg or []), weights, [], args.seed)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .api import apply
-    from .io import load_adapter
-    from .summary import summary
+    from ..api import apply
+    from ..io import load_adapter
+    from ..summary import summary
 
     model = _model_spec(args).build()
     if args.adapter:
@@ -58,7 +59,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             raise LoraError("--adapter shows a saved adapter as it is; leave out --rank, --targets, --exclude and --trainable")
         load_adapter(model, args.adapter)
     else:
-        apply(model, rank=args.rank, targets=_selectors(args.targets), exclude=_selectors(args.exclude), trainable=_selectors(args.trainable))
+        apply(
+            model, rank=args.rank, targets=_selectors(args.targets), exclude=_selectors(args.exclude), trainable=_selectors(args.trainable)
+        )
     if args.format == "mermaid":
         from .mermaid import mermaid
 
@@ -76,15 +79,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train_config import load_config, merge_command, run_training
+    from .config import load_config
+    from .jobs import merge_command, run_training
 
     config = load_config(args.config)
     result = run_training(config, out_dir=args.out, epochs=args.epochs, device=args.device, rank=args.rank)
     print(f"adapter: {result.adapter}")
     if result.interrupted:
-        print(f"interrupted: {result.out_dir / 'last'} holds the state to continue from; add resume = true to [train] and run the same command again")
+        print(
+            f"interrupted: {result.out_dir / 'last'} holds the state to continue from; add resume = true to [train] and run the same command again"
+        )
         return 130
-    print(f"metrics: {result.out_dir / 'metrics.csv'}; curves: {result.out_dir / 'curves.png'}; best epoch's adapter: {result.out_dir / 'best'}")
+    print(
+        f"metrics: {result.out_dir / 'metrics.csv'}; curves: {result.out_dir / 'curves.png'}; best epoch's adapter: {result.out_dir / 'best'}"
+    )
     print(f"to merge it into plain weights: {merge_command(result, config.model)}")
     return 0
 
@@ -92,14 +100,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_select_rank(args: argparse.Namespace) -> int:
     import json
 
-    from .atomic import atomic_file
-    from .train_config import load_config, run_rank_selection, train_command
+    from ..atomic import atomic_file
+    from .config import load_config
+    from .jobs import run_rank_selection, train_command
 
     config = load_config(args.config)
     result = run_rank_selection(config, ranks=args.ranks, folds=args.folds, metric=args.metric, epochs=args.epochs, device=args.device)
     print()
     print(result.selection)
-    print(f"chosen rank: {result.selection.chosen} (the smallest rank within one standard error of the best mean {result.selection.metric})")
+    print(
+        f"chosen rank: {result.selection.chosen} (the smallest rank within one standard error of the best mean {result.selection.metric})"
+    )
     if args.json:
         with atomic_file(args.json) as tmp:
             tmp.write_text(json.dumps(result.as_dict(config), indent=2) + "\n")
@@ -109,7 +120,7 @@ def _cmd_select_rank(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .train_config import merge_to_file
+    from .jobs import merge_to_file
 
     info = merge_to_file(_model_spec(args), args.adapter, args.out)
     print(f"wrote {args.out}: {info['tensors']} tensors, {info['parameters']:,} values, {info['bytes'] / 1024:.1f} KiB")
@@ -118,10 +129,22 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, weights: bool) -> None:
-    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="keyword argument for the model builder, repeatable (VALUE is read as JSON if it parses: 10, 0.5, true, [1,2])")
-    p.add_argument("--seed", type=int, default=0, help="torch seed the model is built under: the same random base every time (default 0, as in `train`)")
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="keyword argument for the model builder, repeatable (VALUE is read as JSON if it parses: 10, 0.5, true, [1,2])",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="torch seed the model is built under: the same random base every time (default 0, as in `train`)",
+    )
     if weights:
-        p.add_argument("--weights", metavar="FILE", help="pretrained base weights (.safetensors or a torch state_dict) the adapter was trained on")
+        p.add_argument(
+            "--weights", metavar="FILE", help="pretrained base weights (.safetensors or a torch state_dict) the adapter was trained on"
+        )
 
 
 def _whole(text: str) -> int:
@@ -193,12 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=MODEL_HELP)
     _add_model_args(p, weights=False)
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8, clamped per layer)")
-    p.add_argument("--targets", default=None, help="selectors separated by ';', e.g. 'Conv2d;*.attn:q,v' (default: every layer a rule covers)")
+    p.add_argument(
+        "--targets", default=None, help="selectors separated by ';', e.g. 'Conv2d;*.attn:q,v' (default: every layer a rule covers)"
+    )
     p.add_argument("--exclude", default=None, help="selectors of layers to leave alone, separated by ';'")
     p.add_argument("--trainable", default=None, help="modules to train fully, separated by ';' (e.g. 'fc')")
     p.add_argument("--adapter", metavar="PATH", default=None, help="show a saved adapter folder loaded onto the model instead")
-    p.add_argument("--format", choices=("table", "mermaid"), default="table", help="table (default) or mermaid: a flowchart of the module tree, adapted layers marked")
-    p.add_argument("--depth", type=_count, default=3, help="mermaid: levels of the module tree to draw; deeper ones are folded (0: all; default 3)")
+    p.add_argument(
+        "--format",
+        choices=("table", "mermaid"),
+        default="table",
+        help="table (default) or mermaid: a flowchart of the module tree, adapted layers marked",
+    )
+    p.add_argument(
+        "--depth", type=_count, default=3, help="mermaid: levels of the module tree to draw; deeper ones are folded (0: all; default 3)"
+    )
     p.add_argument("--direction", choices=("LR", "TD"), default="LR", help="mermaid: left to right (default) or top down")
     p.set_defaults(run=_cmd_inspect)
 
@@ -217,8 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "train on k-1 folds, score the held-out fold, per rank. Prints mean ± std of the metric and the adapter parameters "
                        "per rank, and the chosen rank: the smallest within one standard error of the best. Reads the optional "
                        "[select_rank] table (ranks, folds, metric, seed); nothing is written but --json.")  # fmt: skip
-    p.add_argument("config", metavar="CONFIG.toml", help="a `train` config; [lora] options other than rank and [train] options (but out_dir) apply to every fold")
-    p.add_argument("--ranks", type=_ranks, default=None, help="candidate ranks, e.g. 1,2,4,8 (default: [select_rank] ranks, else 1,2,4,8,16)")
+    p.add_argument(
+        "config",
+        metavar="CONFIG.toml",
+        help="a `train` config; [lora] options other than rank and [train] options (but out_dir) apply to every fold",
+    )
+    p.add_argument(
+        "--ranks", type=_ranks, default=None, help="candidate ranks, e.g. 1,2,4,8 (default: [select_rank] ranks, else 1,2,4,8,16)"
+    )
     p.add_argument("--folds", type=_folds, default=None, help="number of folds, at least 2 (default: [select_rank] folds, else 5)")
     p.add_argument("--metric", default=None, help="what to score on the held-out fold: val_accuracy (default), val_loss (minimised), …")
     p.add_argument("--epochs", type=_positive, default=None, help="override [train] epochs for every fold")
@@ -248,14 +286,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.run(args)
-    except (LoraError, FloatingPointError) as exc:  # FloatingPointError: the trainer's NonFiniteLossError
+        with console():
+            return args.run(args)
+    except LoraError as exc:
         print(f"lora-anywhere {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

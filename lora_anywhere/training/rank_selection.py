@@ -13,8 +13,9 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from .api import apply
-from .errors import LoraError
+from ..api import apply
+from ..errors import LoraError
+from ..log import logger
 
 
 @dataclass
@@ -114,7 +115,6 @@ def select_rank(
     apply_kwargs: dict[str, Any] | None = None,
     trainer_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
-    say: Callable[[str], None] | None = None,
 ) -> RankSelection:
     """Train ``build_model()`` adapted at each rank on k−1 folds of `data` and score it
     on the held-out fold (the last epoch's `metric`; ``val_loss`` is minimised, any
@@ -123,7 +123,7 @@ def select_rank(
     `data` is an indexable dataset of samples, or an object with ``len()`` and
     ``split(train_indices, val_indices) -> (train_data, val_data)``, such as
     `NodeFolds` for the nodes of one graph. Nothing is written to disk: pass no
-    ``out_dir`` in `trainer_kwargs`. `say`, if given, gets one line per rank."""
+    ``out_dir`` in `trainer_kwargs`. One line per rank goes to the `lora_anywhere` logger."""
     from .trainer import Trainer
 
     ranks = check_ranks(ranks)
@@ -152,12 +152,15 @@ def select_rank(
             if trainer.interrupted:  # Ctrl-C: stop the whole selection, not just this fold
                 raise KeyboardInterrupt
             if not history or metric not in history[-1]:
-                raise LoraError(f"metric {metric!r} is not in the trainer's history; it has {', '.join(history[-1]) if history else 'no epochs'}")
+                raise LoraError(
+                    f"metric {metric!r} is not in the trainer's history; it has {', '.join(history[-1]) if history else 'no epochs'}"
+                )
             fold_scores.append(float(history[-1][metric]))
         score = RankScore(rank, statistics.fmean(fold_scores), statistics.pstdev(fold_scores), params, fold_scores)
         scores.append(score)
-        if say is not None:
-            say(f"rank {rank}: {metric} {score.mean:.4f} ± {score.std:.4f} over {folds} folds, {params:,} adapter parameters ({time.perf_counter() - started:.1f} s)")
+        logger.info(
+            f"rank {rank}: {metric} {score.mean:.4f} ± {score.std:.4f} over {folds} folds, {params:,} adapter parameters ({time.perf_counter() - started:.1f} s)"
+        )
     best = (min if minimise else max)(scores, key=lambda s: s.mean)
     margin = best.std / math.sqrt(folds)
     good = [s for s in scores if (s.mean <= best.mean + margin if minimise else s.mean >= best.mean - margin)]

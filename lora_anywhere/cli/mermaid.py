@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from . import attach
-from .api import adapted_layers, model_state
+from .. import attach
+from ..errors import LoraError
+from ..state import adapted_layers, model_state
 
 STYLES = {
     "adapted": "fill:#d3f9d8,stroke:#2b8a3e,color:#000",
@@ -39,7 +40,7 @@ def mermaid(model: nn.Module, depth: int | None = 3, direction: str = "LR") -> s
     levels below the root (None: all). Paste it into a ```` ```mermaid ```` block of a
     Markdown file, or https://mermaid.live, to see it drawn."""
     if depth is not None and depth < 1:
-        raise ValueError(f"depth must be at least 1 (or None for every level), got {depth}")
+        raise LoraError(f"depth must be at least 1 (or None for every level), got {depth}")
     adapters: dict[str, str] = {}
     for name, _, by_name in adapted_layers(model):
         parts = []

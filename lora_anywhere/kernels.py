@@ -1,4 +1,4 @@
-"""Activation-path LoRA for Linear and ConvNd as single autograd functions.
+"""Activation-route LoRA for Linear and ConvNd as single autograd functions.
 
 ``y = layer(x) + s·B(A(x))``: the base op runs as in the frozen model, z = A(x) has r
 channels, and ``s·B z`` is added into the output in place. The backward forms the
@@ -24,7 +24,9 @@ class FusedLinearLoRA(torch.autograd.Function):
     to 13 % of the frozen layer's step, on ViT-S and ViT-B shapes.)"""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float
+    ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         # Written through a view into a fresh tensor, so the output is not itself a
         # view: an in-place op after the layer (Hardswish(inplace=True)) must work.
@@ -90,7 +92,9 @@ def _apply(function: Any, x: torch.Tensor, *tensors: torch.Tensor | None, rest: 
         return function.apply(*cast, *rest)
 
 
-def linear_lora(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+def linear_lora(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float
+) -> torch.Tensor:
     return _apply(FusedLinearLoRA, x, weight, bias, a, b, rest=(scale,))
 
 
@@ -151,7 +155,19 @@ class FusedConvLoRA(torch.autograd.Function):
             # One input-gradient conv through [W; A]; it needs x's shape only (as
             # torch.nn.grad.conv2d_input does), so a frozen A keeps no copy of x.
             shape_only = x if x is not None else grad.new_empty(1).expand(ctx.x_shape)
-            gx = _conv_backward(torch.cat([grad, gz], 1), shape_only, torch.cat([weight, a_kernel]), None, stride, padding, dilation, False, no_pad, 1, [True, False, False])[0]
+            gx = _conv_backward(
+                torch.cat([grad, gz], 1),
+                shape_only,
+                torch.cat([weight, a_kernel]),
+                None,
+                stride,
+                padding,
+                dilation,
+                False,
+                no_pad,
+                1,
+                [True, False, False],
+            )[0]
         if need_a:
             ga = _conv_backward(gz, x, a_kernel, None, stride, padding, dilation, False, no_pad, 1, [False, True, False])[1].reshape(r, -1)
         if need_w:

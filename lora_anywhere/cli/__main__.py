@@ -1,0 +1,7 @@
+"""`python -m lora_anywhere.cli`: the same as the `lora-anywhere` command."""
+
+import sys
+
+from .commands import main
+
+sys.exit(main())

@@ -1,0 +1,149 @@
+"""`lora-anywhere train CONFIG.toml`, `lora-anywhere select-rank CONFIG.toml` and
+`lora-anywhere merge`: a model spec, a data spec, LoRA options and trainer options in
+one file → adapter, metrics and curves (or a rank chosen by cross-validation).
+
+    [model]                      # paths in [model] and [data]: relative to this file
+    spec = "torchvision:resnet18"
+    kwargs = { num_classes = "{classes}" }   # "{classes}": the data's class count
+    weights = "base.safetensors"             # optional pretrained base weights
+    weights_ignore = ["fc."]                 # keys not to load (the old head)
+    seed = 0                                 # random init of what weights leave out
+
+    [data]
+    kind = "image-folder"        # image-folder | pyg | audio-folder | text-csv
+    train = "data/images/train"
+
+    [lora]                       # keyword arguments of lora_anywhere.apply
+    rank = 8
+    trainable = ["fc"]
+
+    [train]                      # keyword arguments of lora_anywhere.Trainer
+    epochs = 3
+    out_dir = "runs/vision"      # relative to the current folder
+
+    [select_rank]                # optional: `lora-anywhere select-rank` reads it
+    ranks = [1, 2, 4, 8]
+    folds = 5
+    metric = "val_accuracy"      # or val_loss (minimised), train_accuracy, …
+    seed = 0                     # the folds and the trainer's seed
+
+The base model is built under ``torch.manual_seed(seed)``, so a base without
+``weights`` is the same random model each time, and `merge` can rebuild it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import api
+from ..errors import ConfigError
+from ..training.trainer import Trainer
+from .model_spec import CLASSES, ModelSpec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+SECTIONS = ("model", "data", "lora", "train", "select_rank")
+MODEL_KEYS = {"spec", "kwargs", "weights", "weights_ignore", "seed"}
+SELECT_RANK_KEYS = {"ranks", "folds", "metric", "seed"}
+#: `[lora]` and `[train]` take what `apply` and `Trainer` take, by keyword.
+LORA_KEYS = {n for n, p in inspect.signature(api.apply).parameters.items() if p.kind is p.KEYWORD_ONLY}
+TRAIN_KEYS = {n for n, p in inspect.signature(Trainer.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
+@dataclass
+class TrainConfig:
+    path: Path
+    model: ModelSpec
+    data: dict[str, Any]
+    lora: dict[str, Any]
+    train: dict[str, Any]
+    select_rank: dict[str, Any] = field(default_factory=dict)
+
+
+def _table(raw: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: [{name}] must be a table (a [{name}] section), got {type(value).__name__}")
+    return dict(value)
+
+
+def _only(section: dict[str, Any], allowed: set[str], name: str, path: Path, what: str) -> None:
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise ConfigError(f"{path}: [{name}] has no option {', '.join(map(repr, unknown))}; {what}: {', '.join(sorted(allowed))}")
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and check a training config; see the module docstring for its shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; see examples/configs/ for one per domain")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text ({exc})") from exc
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown section(s) {', '.join(unknown)}; a config has [model], [data], [lora] and [train] (and optionally [select_rank])"
+        )
+    base = path.parent.resolve()
+    model, data, lora, train, select = (_table(raw, name, path) for name in SECTIONS)
+    _only(model, MODEL_KEYS, "model", path, "its options are")
+    _only(lora, LORA_KEYS - {"name"}, "lora", path, "it takes the keyword arguments of lora_anywhere.apply")
+    _only(train, TRAIN_KEYS, "train", path, "it takes the keyword arguments of lora_anywhere.Trainer")
+    _only(select, SELECT_RANK_KEYS, "select_rank", path, "its options are")
+    _check_select_rank(select, path)
+    spec = model.get("spec")
+    if not isinstance(spec, str):
+        raise ConfigError(f'{path}: [model] needs spec = "source:name" (e.g. "torchvision:resnet18", "pyg:GCN", "mypackage.models:build")')
+    kwargs = model.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f'{path}: [model] kwargs must be a table, e.g. kwargs = {{ num_classes = "{CLASSES}" }}')
+    ignore = model.get("weights_ignore", [])
+    if not isinstance(ignore, list) or not all(isinstance(i, str) for i in ignore):
+        raise ConfigError(f'{path}: [model] weights_ignore must be a list of key prefixes, e.g. ["fc."]')
+    seed = model.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"{path}: [model] seed must be an integer, got {seed!r}")
+    weights = model.get("weights")
+    if weights is not None and not isinstance(weights, str):
+        raise ConfigError(f"{path}: [model] weights must be a path string")
+    if "kind" not in data:
+        raise ConfigError(f'{path}: [data] needs kind = "image-folder", "pyg", "audio-folder" or "text-csv"')
+    return TrainConfig(
+        path=path,
+        model=ModelSpec(spec, kwargs, (base / weights) if weights else None, ignore, seed),
+        data=data,
+        lora=lora,
+        train=train,
+        select_rank=select,
+    )
+
+
+def _check_select_rank(select: dict[str, Any], path: Path) -> None:
+    def whole(value: Any, minimum: int) -> bool:
+        return not isinstance(value, bool) and isinstance(value, int) and value >= minimum
+
+    ranks = select.get("ranks", [1])
+    if not isinstance(ranks, list) or not ranks or not all(whole(r, 1) for r in ranks):
+        raise ConfigError(
+            f"{path}: [select_rank] ranks must be a non-empty list of positive integers, e.g. ranks = [1, 2, 4, 8], got {ranks!r}"
+        )
+    if not whole(select.get("folds", 2), 2):
+        raise ConfigError(f"{path}: [select_rank] folds must be an integer of at least 2, got {select['folds']!r}")
+    if not isinstance(select.get("metric", ""), str):
+        raise ConfigError(
+            f'{path}: [select_rank] metric must be a metric name such as "val_accuracy" or "val_loss", got {select["metric"]!r}'
+        )
+    if not whole(select.get("seed", 0), 0):
+        raise ConfigError(f"{path}: [select_rank] seed must be an integer ≥ 0, got {select['seed']!r}")

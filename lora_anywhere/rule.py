@@ -1,0 +1,93 @@
+"""What a rule is: everything lora_anywhere knows about one layer type.
+
+A rule says which tensors of the layer it can adapt (each seen as a rows × rest
+matrix, or a row block of one), and optionally how to run the layer with the
+adapters applied to its activations. Rules are registered for layer types by
+plugins (`registry`); this module depends on nothing else of the library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Target:
+    """One matrix a rule can adapt.
+
+    ``tensor`` names a parameter of the module at ``owner`` (a dotted path from the
+    layer; "" is the layer itself). The matrix is ``tensor[rows].reshape(n, -1)``: rows
+    of a Linear, output channels of a conv, input channels of a ConvTranspose, gate
+    rows of an RNN weight, the q/k/v block of a packed attention projection.
+    """
+
+    name: str
+    tensor: str
+    owner: str = ""
+    rows: tuple[int, int] | None = None
+
+
+class Rule:
+    """Base class of adapter rules. Subclasses override `targets` and, when the layer
+    can be computed on its activations, `forward` and `prefers_activation`."""
+
+    #: Stable name written into saved adapters, e.g. ``"torch.nn.Linear"``.
+    name: str = ""
+
+    def targets(self, layer: nn.Module) -> Sequence[Target]:
+        raise NotImplementedError
+
+    #: Set by rules that implement `forward`: the layer type whose own forward it
+    #: replaces. A subclass that overrides forward falls back to the weight route.
+    activation_base: type | None = None
+
+    def prefers_activation(self, layer: nn.Module, rank: int) -> bool:
+        """Whether `y = layer(x) + s·B(A(x))` is cheaper than running with W + ΔW."""
+        return True
+
+    def activation_saves_memory(self, layer: nn.Module) -> bool:
+        """Whether the activation route keeps less for the backward than the weight
+        route when A is frozen (LoRA-FA): then it saves no copy of the input."""
+        return True
+
+    def weight_cheaper_without_grad(self, layer: nn.Module, weight: torch.Tensor, *args: Any, **kwargs: Any) -> bool:
+        """For a call under ``no_grad`` (inference, evaluation): whether forming
+        W + ΔW once and running the layer's own forward costs less than adding
+        ``s·B(A(x))`` on every row of these inputs. `weight` is the raw base tensor.
+        Without a weight gradient to pay for, the weight route wins as soon as the
+        layer sees enough rows, so an unmerged model evaluates at nearly base speed."""
+        return False
+
+    def forward(self, layer: nn.Module, weight: torch.Tensor, terms: Sequence[Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Run `layer` with base weight `weight` and add each term ``scale · B(A(x))``.
+
+        A term has ``a`` (r × cols of the weight's matrix view), ``b`` (rows × r),
+        ``scale``, ``dropout(x)`` and ``dropout_active``.
+        """
+        raise NotImplementedError
+
+    def supports_activation(self, layer: nn.Module) -> bool:
+        base = self.activation_base
+        return base is not None and _forward_of(type(layer)) is base.forward
+
+    def __repr__(self) -> str:
+        return f"<rule {self.name}>"
+
+
+def _forward_of(cls: type) -> Any:
+    base = getattr(cls, "__lora_base__", cls)
+    return base.forward
+
+
+def rule_in_mro(rules: Mapping[type, Rule], module: nn.Module) -> Rule | None:
+    """The rule registered for the module's class or its nearest base class, so that
+    subclasses (``NonDynamicallyQuantizableLinear``) are covered by their base's rule."""
+    for cls in type(module).__mro__:
+        rule = rules.get(cls)
+        if rule is not None:
+            return rule
+    return None

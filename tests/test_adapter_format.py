@@ -1,0 +1,36 @@
+"""Adapter folders written by older versions keep loading (CHANGELOG.md lists formats)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+import lora_anywhere as la
+from lora_anywhere.testing import randomize_adapters
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+
+
+def test_format_1_folders_with_path_keys_still_load(tmp_path):
+    adapted = la.apply(model(), rank=2, route="activation")
+    randomize_adapters(adapted)
+    la.save_adapter(adapted, tmp_path / "a")
+    config_file = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    assert config["format"] == "lora_anywhere.adapter/2" and config["route"] == "activation"
+    # What version /1 wrote: the compute route under "path".
+    config["format"] = "lora_anywhere.adapter/1"
+    config["path"] = config.pop("route")
+    for record in config["layers"].values():
+        record["path"] = record.pop("route")
+    config_file.write_text(json.dumps(config))
+
+    loaded = la.load_adapter(model(), tmp_path / "a")
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(loaded(x), adapted(x), rtol=0, atol=0)
+    assert {row.route for row in la.summary(loaded).rows} == {"activation"}

@@ -169,13 +169,14 @@ GOOD_MODEL = '[model]\nspec = "hf:BertForSequenceClassification"\nkwargs = { num
         (GOOD_MODEL + GOOD_DATA + "[lora]\nrnak = 4", "[lora] has no option 'rnak'"),
         (GOOD_MODEL + GOOD_DATA + "[train]\nepoch = 4", "[train] has no option 'epoch'"),
         (GOOD_MODEL + GOOD_DATA + "[train]\nepochs = 'many'", "epochs must be a positive integer"),
-        (GOOD_MODEL + GOOD_DATA + "[train]\ntask = 'regression'", "unknown task 'regression'"),
+        (GOOD_MODEL + GOOD_DATA + "[train]\ntask = 'segmentation'", "unknown task 'segmentation'"),
+        (GOOD_MODEL + GOOD_DATA + "[train]\ntask = 'regression'", "regression: the model outputs (24, 3) for targets (24,)"),
         (GOOD_MODEL + GOOD_DATA + "[lora]\ntargets = ['Conv2d']", "matched no layer"),
         (GOOD_MODEL + GOOD_DATA.replace("vocab_size = 100", "vocab_size = 100\nshuffle = true"), "has no option 'shuffle'"),
         (GOOD_MODEL + GOOD_DATA.replace("vocab_size = 100\n", ""), "needs vocab_size = N"),
         (GOOD_MODEL + GOOD_DATA.replace("train.csv", "missing.csv"), "does not exist"),
         (GOOD_MODEL.replace('"{classes}"', "7") + GOOD_DATA, "outputs 7 scores per example, but the data has 3 classes"),
-        (GOOD_MODEL.replace("vocab_size = 100", "vocab_size = 10") + GOOD_DATA, "cannot run on a batch of this data"),
+        (GOOD_MODEL.replace("vocab_size = 100", "vocab_size = 10") + GOOD_DATA, "fails on the first training batch"),
         (GOOD_MODEL + 'weights = "nowhere.safetensors"\n' + GOOD_DATA, "base weights"),
         ('[model]\nspec = "hf:NoSuchModel"\n' + GOOD_DATA, "transformers has no model class"),
     ],
@@ -355,7 +356,7 @@ def test_text_csv_columns_labels_and_tokenizers(tmp_path):
         )
 
 
-def gcn_config(tmp_path: Path, graph_file: str) -> Path:
+def gcn_config(tmp_path: Path, graph_file: str, data_options: str = "") -> Path:
     return write(
         tmp_path,
         f"""
@@ -365,6 +366,7 @@ kwargs = {{ in_channels = 3, out_channels = "{{classes}}" }}
 [data]
 kind = "pyg"
 train = "{graph_file}"
+{data_options}
 [train]
 epochs = 2
 """,
@@ -376,7 +378,7 @@ def test_a_nan_loss_stops_training_with_advice(tmp_path, capsys):
 
     graph = Data(x=torch.full((6, 3), float("nan")), edge_index=torch.tensor([[0, 1], [1, 0]]), y=torch.arange(6) % 2)
     InMemoryDataset.save([graph], str(tmp_path / "nan.pt"))
-    assert main(["train", str(gcn_config(tmp_path, "nan.pt")), "--out", str(tmp_path / "out")]) == 1
+    assert main(["train", str(gcn_config(tmp_path, "nan.pt", "val_fraction = 0.5")), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "error: the loss became nan" in err and "try a lower lr" in err
 

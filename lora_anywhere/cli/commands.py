@@ -158,17 +158,22 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from .jobs import merge_run, merge_to_file
 
     if args.run_dir is not None:
-        if args.model is not None or args.weights or args.weights_ignore or args.model_arg:
-            raise LoraError("--run rebuilds the model the run recorded; leave out --model, --model-arg, --weights and --weights-ignore")
         out, info = merge_run(args.run_dir, args.adapter, args.out)
     else:
-        if args.model is None or args.adapter is None or args.out is None:
-            raise LoraError("give --run RUN_DIR (a folder `train` wrote), or --model, --adapter and --out")
         out = Path(args.out)
         info = merge_to_file(_model_spec(args), args.adapter, out)
     print(f"wrote {out}: {info['tensors']} tensors, {info['parameters']:,} values, {info['bytes'] / 1024:.1f} KiB")
     print(f"load it into the plain model with model.load_state_dict(safetensors.torch.load_file({str(out)!r}))")
     return 0
+
+
+def _merge_usage(args: argparse.Namespace) -> str | None:
+    """What is wrong with merge's options, as a usage error."""
+    if args.run_dir is not None and (args.model is not None or args.weights or args.weights_ignore or args.model_arg):
+        return "--run rebuilds the model the run recorded; leave out --model, --model-arg, --weights and --weights-ignore"
+    if args.run_dir is None and (args.model is None or args.adapter is None or args.out is None):
+        return "give --run RUN_DIR (a folder `train` wrote), or all of --model, --adapter and --out"
+    return None
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -384,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", metavar="FILE", default=None, help="where to write the merged weights, *.safetensors (--run: RUN_DIR/merged.safetensors)"
     )
-    p.set_defaults(run=_cmd_merge)
+    p.set_defaults(run=_cmd_merge, usage=_merge_usage, parser=p)
 
     p = sub.add_parser("evaluate", help="score a trained run's adapter on its validation, test or training data",
                        description="Rebuild the model a `train` run recorded, load its adapter, and print the loss and metrics "
@@ -421,6 +426,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    problem = args.usage(args) if getattr(args, "usage", None) else None
+    if problem:
+        args.parser.error(problem)  # exits with 2, as argparse does
     try:
         with console(), _rank_zero_speaks():
             return args.run(args)

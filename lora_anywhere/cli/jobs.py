@@ -14,7 +14,7 @@ from torch.utils.data import ConcatDataset
 
 from .. import api, io
 from ..atomic import atomic_file
-from ..errors import ConfigError
+from ..errors import ConfigError, TaskError
 from ..log import logger
 from ..summary import summary
 from ..training.rank_selection import NodeFolds, RankSelection, check_ranks, select_rank
@@ -59,6 +59,8 @@ def _check_outputs(model: nn.Module, data: LoadedData, task: Any, spec: ModelSpe
         with torch.no_grad():
             task.check(model, batch)
             logits, _ = task.forward(model, batch, train=False)
+    except TaskError as exc:
+        raise ConfigError(f"{exc} (model {spec.spec}: check its [model] kwargs, e.g. input sizes, and the [data] options)") from exc
     finally:
         model.train()
     if logits.shape[-1] != len(data.classes):

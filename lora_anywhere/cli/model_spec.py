@@ -87,9 +87,9 @@ def import_builder(spec: str) -> None:
     """Import the module of a ``package.module:callable`` spec as ``python -m`` would
     find it — the current folder first when it is not importable otherwise — and say
     why an import fails (no such module here, or an error inside it)."""
-    prefix = spec.partition(":")[0]
-    if not prefix or prefix in registry().model_sources or prefix in sys.modules:
-        return
+    prefix, sep, name = spec.partition(":")
+    if not (prefix and sep and name) or prefix in registry().model_sources or prefix in sys.modules:
+        return  # build_model says what is wrong with a malformed spec
     here = os.getcwd()
     try:
         _import(spec, prefix)

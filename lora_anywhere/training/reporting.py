@@ -136,6 +136,8 @@ class Report:
 
     metrics: dict[str, float]
     details: dict[str, Any] = field(default_factory=dict)
+    #: The figures only evaluation computes (macro_f1, r2): the history has no train_ one of them.
+    eval_only: list[str] = field(default_factory=list)
     #: which examples the figures are on, e.g. "30 nodes (not in train_mask)"
     on: str | None = None
 

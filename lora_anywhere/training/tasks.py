@@ -176,6 +176,10 @@ class Supervised(Task):
         """(outputs, labels) with one row per counted example."""
         return outputs, labels
 
+    def collate(self, samples: list[Any]) -> Any:
+        """Tuples are stacked; dicts too, with sequences of different lengths right-padded with 0."""
+        return pad_dicts(samples, {})
+
     def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -250,7 +250,15 @@ class Trainer:
         batches = self.task.batches(self.train_data, train=True, spec=self._spec(0))
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            batch = next(iter(batches), None)
+            try:
+                batch = next(iter(batches), None)
+            except LoraError:
+                raise
+            except Exception as exc:  # a collate or dataset error, before any step
+                raise TaskError(
+                    f"{self.task.name}: the first training batch cannot be made from the data ({type(exc).__name__}: {exc}); "
+                    f"{self.task.data_hint()}"
+                ) from exc
             if batch is None:
                 raise TaskError("the training data gives no batch; check that it is not empty")
             was_training = self.model.training
@@ -430,10 +438,11 @@ class Trainer:
             if not width and max(widths):
                 collection = self._metric_collection(task, max(widths))
         details: dict[str, Any] = {}
+        scalars: dict[str, float] = {}
         if collection is not None:
             scalars, details = metric_sets.summarise(collection)
             metrics.update(scalars)
-        return Report(metrics, details)
+        return Report(metrics, details, list(scalars))
 
     def _metric_collection(self, task: Task, width: int) -> Any:
         collection = task.eval_metrics(width)

@@ -398,3 +398,59 @@ def test_an_interrupted_run_says_how_to_resume(tmp_path, capsys, monkeypatch):
     assert main(["train", str(tmp_path / "config.toml"), "--out", str(tmp_path / "out")]) == 130
     out = capsys.readouterr().out
     assert "add resume = true to [train]" in out and (tmp_path / "out" / "last" / "trainer_state.pt").is_file()
+
+
+def test_image_normalisation_augmentation_and_test_split_are_chosen_and_stated(tmp_path):
+    base = {"kind": "image-folder", "train": "images/train", "val": "images/val", "image_size": 16}
+    plain = load_data(base, ROOT / "examples" / "data")
+    assert "not normalised" in plain.description and plain.info["normalize"] is None
+    assert 0 <= float(plain.train[0][0].min()) and float(plain.train[0][0].max()) <= 1
+    tuned = load_data({**base, "normalize": "imagenet", "augment": True, "test": "images/val"}, ROOT / "examples" / "data")
+    assert tuned.info == {
+        "image_size": 16,
+        "grayscale": False,
+        "normalize": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+        "augment": ["crop", "flip"],
+    }
+    assert "normalised with mean [0.485, 0.456, 0.406]" in tuned.description and "augmented with crop, flip" in tuned.description
+    assert "24 training, 9 validation and 9 test images" in tuned.description
+    torch.manual_seed(0)
+    assert not torch.equal(tuned.train[0][0], tuned.train[0][0])  # training views are random...
+    assert torch.equal(tuned.val[0][0], tuned.val[0][0]) and torch.equal(tuned.test[0][0], tuned.val[0][0])  # ...the others are not
+    no_val = {k: v for k, v in base.items() if k != "val"}
+    split = load_data({**no_val, "augment": ["flip", "color"]}, ROOT / "examples" / "data")
+    assert torch.equal(split.val[0][0], split.val[0][0])  # split from the training folder, still without augmentation
+    for options, message in (
+        ({"normalize": "cifar"}, 'normalize must be "imagenet"'),
+        ({"augment": ["rotate"]}, "augment must be true"),
+        ({"normalize": "imagenet", "mean": [0.5], "std": [0.5]}, "either normalize or mean and std"),
+    ):
+        with pytest.raises(DataSpecError, match=message):
+            load_data({**base, **options}, ROOT / "examples" / "data")
+
+
+def test_audio_in_other_formats_goes_through_torchaudio(tmp_path, monkeypatch):
+    import torchaudio
+
+    from lora_anywhere.cli.data import read_audio
+
+    for label in ("hi", "lo"):
+        write_wav(tmp_path / "clips" / label / "0.wav", [0.1] * 400)
+        (tmp_path / "clips" / label / "1.flac").write_bytes(b"fLaC not really")
+    data = load_data({"kind": "audio-folder", "train": "clips", "val": "clips", "test": "clips"}, tmp_path)
+    assert len(data.train) == 4 and len(data.test) == 4 and "4 training, 4 validation and 4 test clips" in data.description
+    flac = tmp_path / "clips" / "hi" / "1.flac"
+
+    def no_backend(path):
+        raise ImportError("TorchCodec is required for load_with_torchcodec")
+
+    monkeypatch.setattr(torchaudio, "load", no_backend)
+    with pytest.raises(DataSpecError, match=r"1.flac cannot be read: torchaudio.load failed.*pip install torchcodec.*ffmpeg -i in.flac"):
+        read_audio(flac)
+    monkeypatch.setattr(torchaudio, "load", lambda path: (torch.stack([torch.zeros(500), torch.ones(500)]), 8000))
+    wave_, rate = read_audio(flac)
+    assert rate == 8000 and wave_.shape == (500,) and torch.allclose(wave_, torch.full((500,), 0.5))  # channels averaged
+    (tmp_path / "float.wav").write_bytes(
+        b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x03\x00\x01\x00\x40\x1f\x00\x00\x00\x7d\x00\x00\x04\x00\x20\x00data\x00\x00\x00\x00"
+    )
+    assert read_audio(tmp_path / "float.wav")[1] == 8000  # not PCM: torchaudio reads it

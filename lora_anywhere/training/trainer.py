@@ -146,6 +146,7 @@ class Trainer:
         self.save_every, self.plot_every, self.class_names = save_every, plot_every, class_names
         self._tensorboard = TensorBoard(self.out_dir / "tensorboard") if tensorboard and self.out_dir and self.process_rank == 0 else None
         self._plotted = 0
+        self._collections: dict[tuple[int, int], tuple[Task, Any]] = {}  # the task is kept so that its id stays its own
         #: The last validation's report (per-class accuracy, confusion matrix), written to out_dir at the end.
         self.val_report: Report | None = None
         # Bars on a terminal (or when asked); one logged line per epoch unless progress=False.
@@ -445,8 +446,16 @@ class Trainer:
         return Report(metrics, details, list(scalars))
 
     def _metric_collection(self, task: Task, width: int) -> Any:
-        collection = task.eval_metrics(width)
-        return collection.to(self.device) if collection is not None else None
+        """The task's torchmetrics collection for outputs of this width, reset: made once
+        per (task, width) and reused, as making one costs more than an evaluation's updates."""
+        key = (id(task), width)
+        if key not in self._collections:
+            collection = task.eval_metrics(width)
+            self._collections[key] = (task, collection.to(self.device) if collection is not None else None)
+        collection = self._collections[key][1]
+        if collection is not None:
+            collection.reset()
+        return collection
 
     # ------------------------------------------------------------------ helpers
 

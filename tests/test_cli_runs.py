@@ -262,3 +262,25 @@ def test_train_under_torchrun_with_two_processes(tmp_path):
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert len(run["history"]) == 2 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     assert main(["merge", "--run", str(tmp_path / "run")]) == 0
+
+
+def test_a_speech_model_with_per_frame_logits_fails_in_one_line_before_training(tmp_path, monkeypatch, capsys):
+    """Blocker 5: the README promised a pre-flight check with the fix in the message."""
+    (tmp_path / "frames_model.py").write_text(
+        "import torch\n"
+        "class PerFrame(torch.nn.Module):\n"
+        "    def __init__(self, classes):\n"
+        "        super().__init__()\n        self.conv = torch.nn.Conv1d(1, 8, 64, stride=32)\n        self.head = torch.nn.Linear(8, classes)\n"
+        "    def forward(self, waves, lengths):\n"
+        "        return self.head(torch.relu(self.conv(waves.unsqueeze(1))).transpose(1, 2))  # (batch, frames, classes)\n"
+    )
+    monkeypatch.chdir(tmp_path)  # the model module is in the current folder
+    config = (CONFIGS / "speech.toml").read_text().replace('"../data/', f'"{DATA}/')
+    config = config.replace('spec = "lora_anywhere.cli.demo.speech:AudioNet"', 'spec = "frames_model:PerFrame"')
+    config = config.replace('trainable = ["head", "conv1.1", "conv2.1", "conv3.1"]', 'trainable = ["head"]')
+    (tmp_path / "speech.toml").write_text(config)
+    assert main(["train", "speech.toml", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lora-anywhere train: error: audio-classification: the model outputs (2, ")
+    assert "a score vector per time step" in err and "task='frame-classification'" in err
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written

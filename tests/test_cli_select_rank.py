@@ -123,7 +123,7 @@ def test_bad_flags_are_usage_errors(flags, message, capsys):
         (
             "",
             ["--metric", "val_f1"],
-            "metric 'val_f1' is not one the trainer reports for this task; choose one of train_accuracy, train_loss, val_accuracy, val_loss",
+            "metric 'val_f1' is not one the trainer reports for this task; choose one of train_accuracy, train_loss, val_accuracy, val_loss, val_macro_f1",
         ),
         ("", ["--folds", "48"], "47 samples cannot be split into 48 folds"),
         ("", ["--ranks", "1", "--device", "tpu"], "device 'tpu' is not a torch device; use auto, cpu, cuda or cuda:N"),

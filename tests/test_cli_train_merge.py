@@ -169,13 +169,14 @@ GOOD_MODEL = '[model]\nspec = "hf:BertForSequenceClassification"\nkwargs = { num
         (GOOD_MODEL + GOOD_DATA + "[lora]\nrnak = 4", "[lora] has no option 'rnak'"),
         (GOOD_MODEL + GOOD_DATA + "[train]\nepoch = 4", "[train] has no option 'epoch'"),
         (GOOD_MODEL + GOOD_DATA + "[train]\nepochs = 'many'", "epochs must be a positive integer"),
-        (GOOD_MODEL + GOOD_DATA + "[train]\ntask = 'regression'", "unknown task 'regression'"),
+        (GOOD_MODEL + GOOD_DATA + "[train]\ntask = 'segmentation'", "unknown task 'segmentation'"),
+        (GOOD_MODEL + GOOD_DATA + "[train]\ntask = 'regression'", "regression: the model outputs (24, 3) for targets (24,)"),
         (GOOD_MODEL + GOOD_DATA + "[lora]\ntargets = ['Conv2d']", "matched no layer"),
         (GOOD_MODEL + GOOD_DATA.replace("vocab_size = 100", "vocab_size = 100\nshuffle = true"), "has no option 'shuffle'"),
         (GOOD_MODEL + GOOD_DATA.replace("vocab_size = 100\n", ""), "needs vocab_size = N"),
         (GOOD_MODEL + GOOD_DATA.replace("train.csv", "missing.csv"), "does not exist"),
         (GOOD_MODEL.replace('"{classes}"', "7") + GOOD_DATA, "outputs 7 scores per example, but the data has 3 classes"),
-        (GOOD_MODEL.replace("vocab_size = 100", "vocab_size = 10") + GOOD_DATA, "cannot run on a batch of this data"),
+        (GOOD_MODEL.replace("vocab_size = 100", "vocab_size = 10") + GOOD_DATA, "fails on the first training batch"),
         (GOOD_MODEL + 'weights = "nowhere.safetensors"\n' + GOOD_DATA, "base weights"),
         ('[model]\nspec = "hf:NoSuchModel"\n' + GOOD_DATA, "transformers has no model class"),
     ],
@@ -355,7 +356,7 @@ def test_text_csv_columns_labels_and_tokenizers(tmp_path):
         )
 
 
-def gcn_config(tmp_path: Path, graph_file: str) -> Path:
+def gcn_config(tmp_path: Path, graph_file: str, data_options: str = "") -> Path:
     return write(
         tmp_path,
         f"""
@@ -365,6 +366,7 @@ kwargs = {{ in_channels = 3, out_channels = "{{classes}}" }}
 [data]
 kind = "pyg"
 train = "{graph_file}"
+{data_options}
 [train]
 epochs = 2
 """,
@@ -376,7 +378,7 @@ def test_a_nan_loss_stops_training_with_advice(tmp_path, capsys):
 
     graph = Data(x=torch.full((6, 3), float("nan")), edge_index=torch.tensor([[0, 1], [1, 0]]), y=torch.arange(6) % 2)
     InMemoryDataset.save([graph], str(tmp_path / "nan.pt"))
-    assert main(["train", str(gcn_config(tmp_path, "nan.pt")), "--out", str(tmp_path / "out")]) == 1
+    assert main(["train", str(gcn_config(tmp_path, "nan.pt", "val_fraction = 0.5")), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "error: the loss became nan" in err and "try a lower lr" in err
 
@@ -396,3 +398,59 @@ def test_an_interrupted_run_says_how_to_resume(tmp_path, capsys, monkeypatch):
     assert main(["train", str(tmp_path / "config.toml"), "--out", str(tmp_path / "out")]) == 130
     out = capsys.readouterr().out
     assert "add resume = true to [train]" in out and (tmp_path / "out" / "last" / "trainer_state.pt").is_file()
+
+
+def test_image_normalisation_augmentation_and_test_split_are_chosen_and_stated(tmp_path):
+    base = {"kind": "image-folder", "train": "images/train", "val": "images/val", "image_size": 16}
+    plain = load_data(base, ROOT / "examples" / "data")
+    assert "not normalised" in plain.description and plain.info["normalize"] is None
+    assert 0 <= float(plain.train[0][0].min()) and float(plain.train[0][0].max()) <= 1
+    tuned = load_data({**base, "normalize": "imagenet", "augment": True, "test": "images/val"}, ROOT / "examples" / "data")
+    assert tuned.info == {
+        "image_size": 16,
+        "grayscale": False,
+        "normalize": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+        "augment": ["crop", "flip"],
+    }
+    assert "normalised with mean [0.485, 0.456, 0.406]" in tuned.description and "augmented with crop, flip" in tuned.description
+    assert "24 training, 9 validation and 9 test images" in tuned.description
+    torch.manual_seed(0)
+    assert not torch.equal(tuned.train[0][0], tuned.train[0][0])  # training views are random...
+    assert torch.equal(tuned.val[0][0], tuned.val[0][0]) and torch.equal(tuned.test[0][0], tuned.val[0][0])  # ...the others are not
+    no_val = {k: v for k, v in base.items() if k != "val"}
+    split = load_data({**no_val, "augment": ["flip", "color"]}, ROOT / "examples" / "data")
+    assert torch.equal(split.val[0][0], split.val[0][0])  # split from the training folder, still without augmentation
+    for options, message in (
+        ({"normalize": "cifar"}, 'normalize must be "imagenet"'),
+        ({"augment": ["rotate"]}, "augment must be true"),
+        ({"normalize": "imagenet", "mean": [0.5], "std": [0.5]}, "either normalize or mean and std"),
+    ):
+        with pytest.raises(DataSpecError, match=message):
+            load_data({**base, **options}, ROOT / "examples" / "data")
+
+
+def test_audio_in_other_formats_goes_through_torchaudio(tmp_path, monkeypatch):
+    import torchaudio
+
+    from lora_anywhere.cli.data import read_audio
+
+    for label in ("hi", "lo"):
+        write_wav(tmp_path / "clips" / label / "0.wav", [0.1] * 400)
+        (tmp_path / "clips" / label / "1.flac").write_bytes(b"fLaC not really")
+    data = load_data({"kind": "audio-folder", "train": "clips", "val": "clips", "test": "clips"}, tmp_path)
+    assert len(data.train) == 4 and len(data.test) == 4 and "4 training, 4 validation and 4 test clips" in data.description
+    flac = tmp_path / "clips" / "hi" / "1.flac"
+
+    def no_backend(path):
+        raise ImportError("TorchCodec is required for load_with_torchcodec")
+
+    monkeypatch.setattr(torchaudio, "load", no_backend)
+    with pytest.raises(DataSpecError, match=r"1.flac cannot be read: torchaudio.load failed.*pip install torchcodec.*ffmpeg -i in.flac"):
+        read_audio(flac)
+    monkeypatch.setattr(torchaudio, "load", lambda path: (torch.stack([torch.zeros(500), torch.ones(500)]), 8000))
+    wave_, rate = read_audio(flac)
+    assert rate == 8000 and wave_.shape == (500,) and torch.allclose(wave_, torch.full((500,), 0.5))  # channels averaged
+    (tmp_path / "float.wav").write_bytes(
+        b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x03\x00\x01\x00\x40\x1f\x00\x00\x00\x7d\x00\x00\x04\x00\x20\x00data\x00\x00\x00\x00"
+    )
+    assert read_audio(tmp_path / "float.wav")[1] == 8000  # not PCM: torchaudio reads it

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import lora_anywhere as la
 from lora_anywhere.errors import NonFiniteLossError
+from lora_anywhere.training import reporting as reporting_mod
 from lora_anywhere.training import tasks as tasks_mod
 from lora_anywhere.training import trainer as trainer_mod
 from lora_anywhere.training.trainer import Trainer
@@ -448,15 +449,22 @@ def test_jsonl_log_and_quiet_progress(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_missing_optional_dependencies_degrade_to_a_notice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_lines: list[str]) -> None:
-    monkeypatch.setitem(__import__("sys").modules, "tqdm.auto", None)
-    monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)
-    monkeypatch.setattr(trainer_mod, "_MISSING_NOTED", set())
+    for module in ("tqdm.auto", "matplotlib.figure", "torchmetrics", "torch.utils.tensorboard"):
+        monkeypatch.setitem(__import__("sys").modules, module, None)
+    monkeypatch.setattr(reporting_mod, "_MISSING_NOTED", set())
     torch.manual_seed(0)
     model = la.apply(mlp(), rank=2)
-    history = Trainer(model, xor_data(32, 1), task="image-classification", epochs=2, batch_size=8, out_dir=tmp_path, progress=True).fit()
+    trainer = Trainer(
+        model, xor_data(32, 1), xor_data(16, 2), task="image-classification", epochs=2, batch_size=8, out_dir=tmp_path, progress=True,
+        tensorboard=True,
+    )  # fmt: skip
+    history = trainer.fit()
     assert len(history) == 2 and (tmp_path / "metrics.csv").is_file() and not (tmp_path / "curves.png").exists()
+    assert "val_accuracy" in history[-1] and "val_macro_f1" not in history[-1]  # the sums need no torchmetrics
+    assert not (tmp_path / "tensorboard").exists() and not (tmp_path / "val_report.json").exists()
     notes = "\n".join(log_lines)
-    assert notes.count("tqdm.auto is not installed") == 1 and notes.count("matplotlib.figure is not installed") == 1
+    for module in ("tqdm.auto", "matplotlib.figure", "torchmetrics", "torch.utils.tensorboard"):
+        assert notes.count(f"{module} is not installed") == 1, module
 
 
 # ----------------------------------------------------------------------------- tasks

@@ -8,13 +8,16 @@ what was wrong and what to do, and exits with 1; usage errors exit with 2 (argpa
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from .. import __version__
 from ..errors import LoraError
-from ..log import console
+from ..log import console, logger
 
 if TYPE_CHECKING:
     from .model_spec import ModelSpec
@@ -43,9 +46,11 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 def _model_spec(args: argparse.Namespace) -> ModelSpec:
     from .model_spec import ModelSpec, parse_model_args
+    from .pretrained import resolve
 
-    weights = Path(args.weights) if getattr(args, "weights", None) else None
-    return ModelSpec(args.model, parse_model_args(args.model_arg or []), weights, [], args.seed)
+    weights = resolve(args.weights, args.model, Path.cwd()) if getattr(args, "weights", None) else None
+    ignore = [prefix for item in getattr(args, "weights_ignore", None) or [] for prefix in item.split(",") if prefix]
+    return ModelSpec(args.model, parse_model_args(args.model_arg or []), weights, ignore, args.seed)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -82,8 +87,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .jobs import merge_command, run_training
 
+    if args.nproc and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args.nproc, args.argv)
     config = load_config(args.config)
-    result = run_training(config, out_dir=args.out, epochs=args.epochs, device=args.device, rank=args.rank)
+    overrides = {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed, "device": args.device}
+    result = run_training(config, out_dir=args.out, overrides=overrides, rank=args.rank)
+    if result.process_rank != 0:
+        return 0
     print(f"adapter: {result.adapter}")
     if result.interrupted:
         print(
@@ -93,8 +103,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(
         f"metrics: {result.out_dir / 'metrics.csv'}; curves: {result.out_dir / 'curves.png'}; best epoch's adapter: {result.out_dir / 'best'}"
     )
-    print(f"to merge it into plain weights: {merge_command(result, config.model)}")
+    if result.test is not None:
+        print(f"test: {result.out_dir / 'test_report.json'}")
+    print(f"to merge it into plain weights: {merge_command(result)}")
     return 0
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """`train --nproc N`: the same command under torchrun, N processes on this machine
+    (gloo on CPU, NCCL with one GPU each)."""
+    import subprocess
+
+    rest = _without_option(argv, "--nproc")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "lora_anywhere.cli", *rest]
+    print("launching: " + " ".join(command[1:]), flush=True)
+    return subprocess.run(command, check=False).returncode
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(f"{option}="):
+            out.append(arg)
+    return out
 
 
 def _cmd_select_rank(args: argparse.Namespace) -> int:
@@ -120,11 +155,57 @@ def _cmd_select_rank(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .jobs import merge_to_file
+    from .jobs import merge_run, merge_to_file
 
-    info = merge_to_file(_model_spec(args), args.adapter, args.out)
-    print(f"wrote {args.out}: {info['tensors']} tensors, {info['parameters']:,} values, {info['bytes'] / 1024:.1f} KiB")
-    print(f"load it into the plain model with model.load_state_dict(safetensors.torch.load_file({str(args.out)!r}))")
+    if args.run_dir is not None:
+        out, info = merge_run(args.run_dir, args.adapter, args.out)
+    else:
+        out = Path(args.out)
+        info = merge_to_file(_model_spec(args), args.adapter, out)
+    print(f"wrote {out}: {info['tensors']} tensors, {info['parameters']:,} values, {info['bytes'] / 1024:.1f} KiB")
+    print(f"load it into the plain model with model.load_state_dict(safetensors.torch.load_file({str(out)!r}))")
+    return 0
+
+
+def _merge_usage(args: argparse.Namespace) -> str | None:
+    """What is wrong with merge's options, as a usage error."""
+    if args.run_dir is not None and (args.model is not None or args.weights or args.weights_ignore or args.model_arg):
+        return "--run rebuilds the model the run recorded; leave out --model, --model-arg, --weights and --weights-ignore"
+    if args.run_dir is None and (args.model is None or args.adapter is None or args.out is None):
+        return "give --run RUN_DIR (a folder `train` wrote), or all of --model, --adapter and --out"
+    return None
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from ..atomic import atomic_file
+    from .jobs import evaluate_run
+
+    result = evaluate_run(args.run_dir, split=args.split, adapter=args.adapter, device=args.device, batch_size=args.batch_size)
+    metrics = result.report.metrics
+    print(f"{result.split} ({result.adapter}): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    per_class = result.report.details.get("per_class_accuracy")
+    if per_class is not None:
+        width = max(len(c) for c in result.record.classes)
+        for name, accuracy in zip(result.record.classes, per_class):
+            print(f"  {name:<{width}}  accuracy {accuracy:.4f}")
+    if args.json:
+        with atomic_file(args.json) as tmp:
+            tmp.write_text(
+                json.dumps({"split": result.split, "adapter": str(result.adapter), "metrics": metrics, **result.report.details}, indent=2)
+                + "\n"
+            )
+        print(f"report: {args.json}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict_run, write_predictions
+
+    predictions = predict_run(args.run_dir, args.inputs, adapter=args.adapter, batch_size=args.batch_size)
+    written = write_predictions(predictions, args.out)
+    print(f"{len(predictions)} predictions: {written}" if args.out else written)
     return 0
 
 
@@ -143,7 +224,13 @@ def _add_model_args(p: argparse.ArgumentParser, *, weights: bool) -> None:
     )
     if weights:
         p.add_argument(
-            "--weights", metavar="FILE", help="pretrained base weights (.safetensors or a torch state_dict) the adapter was trained on"
+            "--weights",
+            metavar="FILE",
+            help="pretrained base weights the adapter was trained on: a .safetensors or torch file, a transformers folder, "
+            "or a torchvision weights name (from the torch hub cache)",
+        )
+        p.add_argument(
+            "--weights-ignore", action="append", metavar="PREFIX", help="weight keys not to load, repeatable or comma-separated (e.g. fc.)"
         )
 
 
@@ -168,6 +255,17 @@ def _positive(text: str) -> int:
     value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not positive; give 1 or more")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """A number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
 
 
@@ -239,9 +337,20 @@ def build_parser() -> argparse.ArgumentParser:
                        "curves.png, best/ and last/ checkpoints, labels and run.json to the output folder.")  # fmt: skip
     p.add_argument("config", metavar="CONFIG.toml", help="the config file; paths in [model] and [data] are relative to its folder")
     p.add_argument("--out", default=None, help="output folder (default: [train] out_dir, else runs/train)")
-    p.add_argument("--epochs", type=int, default=None, help="override [train] epochs")
+    p.add_argument("--epochs", type=_positive, default=None, help="override [train] epochs")
+    p.add_argument("--lr", type=_positive_float, default=None, help="override [train] lr")
+    p.add_argument("--batch-size", type=_positive, default=None, help="override [train] batch_size (per process)")
+    p.add_argument(
+        "--seed", type=_count, default=None, help="override [train] seed (data order, dropout; the base model keeps [model] seed)"
+    )
     p.add_argument("--device", default=None, help="override [train] device (auto, cpu, cuda)")
     p.add_argument("--rank", type=_positive, default=None, help="override [lora] rank (e.g. the one select-rank chose)")
+    p.add_argument(
+        "--nproc",
+        type=_positive,
+        default=None,
+        help="train with N processes on this machine under torchrun (DDP: gloo on CPU, one GPU each with NCCL)",
+    )
     p.set_defaults(run=_cmd_train)
 
     p = sub.add_parser("select-rank", help="choose the LoRA rank by k-fold cross-validation on a train config's data",
@@ -266,12 +375,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="merge a saved adapter into the base weights and write them as safetensors",
                        description="Build the base model, load the adapter, merge it in, and write the plain model's state_dict "
-                       "(loadable with model.load_state_dict) as safetensors.")  # fmt: skip
-    p.add_argument("--model", required=True, help=MODEL_HELP)
+                       "(loadable with model.load_state_dict) as safetensors. --run rebuilds exactly what `train` used from the "
+                       "run folder's record; --model/--weights/--adapter describe the base and adapter by hand.")  # fmt: skip
+    p.add_argument("--run", dest="run_dir", metavar="RUN_DIR", default=None, help="a folder `train` wrote: its model, weights and adapter")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     _add_model_args(p, weights=True)
-    p.add_argument("--adapter", required=True, metavar="PATH", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--out", required=True, metavar="FILE", help="where to write the merged weights (*.safetensors)")
-    p.set_defaults(run=_cmd_merge)
+    p.add_argument(
+        "--adapter",
+        metavar="PATH",
+        default=None,
+        help="adapter folder; with --run also adapter (default), best or last",
+    )
+    p.add_argument(
+        "--out", metavar="FILE", default=None, help="where to write the merged weights, *.safetensors (--run: RUN_DIR/merged.safetensors)"
+    )
+    p.set_defaults(run=_cmd_merge, usage=_merge_usage, parser=p)
+
+    p = sub.add_parser("evaluate", help="score a trained run's adapter on its validation, test or training data",
+                       description="Rebuild the model a `train` run recorded, load its adapter, and print the loss and metrics "
+                       "(accuracy, macro-F1, per-class accuracy) on one split of its data.")  # fmt: skip
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder `train` wrote")
+    p.add_argument("--split", choices=("val", "test", "train"), default="val", help="which data (default val; test needs [data] test)")
+    p.add_argument("--adapter", default=None, help="adapter (the final one, default), best, last, or an adapter folder")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda (default: the run's)")
+    p.add_argument("--batch-size", type=_positive, default=None, help="default: the run's")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the report (metrics, per-class accuracy, confusion matrix)")
+    p.set_defaults(run=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="a trained run's predictions on new images, audio files or texts",
+                       description="Rebuild the model a `train` run recorded, load its adapter, read the inputs as its [data] kind "
+                       "reads files (the same resizing, normalisation, tokenizer) and print (or write) one CSV row per input: "
+                       "input, label, probability. A node-classification run predicts every node of its own graph.")  # fmt: skip
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder `train` wrote")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="files or folders (images, audio); CSV or text files (texts, one per line)")
+    p.add_argument("--adapter", default=None, help="adapter (the final one, default), best, last, or an adapter folder")
+    p.add_argument("--out", metavar="FILE", default=None, help="write the CSV here instead of printing it")
+    p.add_argument("--batch-size", type=_positive, default=32, help="default 32")
+    p.set_defaults(run=_cmd_predict)
 
     p = sub.add_parser("plugins", help="list plugins, their status and the layer types they cover")
     p.add_argument("-v", "--verbose", action="store_true", help="also list every layer type")
@@ -282,11 +422,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    problem = args.usage(args) if getattr(args, "usage", None) else None
+    if problem:
+        args.parser.error(problem)  # exits with 2, as argparse does
     try:
-        with console():
+        with console(), _rank_zero_speaks():
             return args.run(args)
     except LoraError as exc:
         print(f"lora-anywhere {args.command}: error: {exc}", file=sys.stderr)
@@ -294,3 +438,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _rank_zero_speaks() -> Iterator[None]:
+    """Under torchrun, progress lines from rank 0 only (warnings and errors from all)."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    previous = logger.level
+    if rank > 0:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)

@@ -5,7 +5,8 @@ one file → adapter, metrics and curves (or a rank chosen by cross-validation).
     [model]                      # paths in [model] and [data]: relative to this file
     spec = "torchvision:resnet18"
     kwargs = { num_classes = "{classes}" }   # "{classes}": the data's class count
-    weights = "base.safetensors"             # optional pretrained base weights
+    weights = "base.safetensors"             # optional pretrained weights: a file, a torchvision
+                                             # name ("ResNet18_Weights.DEFAULT"), an hf folder
     weights_ignore = ["fc."]                 # keys not to load (the old head)
     seed = 0                                 # random init of what weights leave out
 
@@ -43,6 +44,7 @@ from .. import api
 from ..errors import ConfigError
 from ..training.trainer import Trainer
 from .model_spec import CLASSES, ModelSpec
+from .pretrained import resolve
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,7 +56,8 @@ MODEL_KEYS = {"spec", "kwargs", "weights", "weights_ignore", "seed"}
 SELECT_RANK_KEYS = {"ranks", "folds", "metric", "seed"}
 #: `[lora]` and `[train]` take what `apply` and `Trainer` take, by keyword.
 LORA_KEYS = {n for n, p in inspect.signature(api.apply).parameters.items() if p.kind is p.KEYWORD_ONLY}
-TRAIN_KEYS = {n for n, p in inspect.signature(Trainer.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY}
+#: (class_names comes from the data.)
+TRAIN_KEYS = {n for n, p in inspect.signature(Trainer.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY} - {"class_names"}
 
 
 @dataclass
@@ -122,7 +125,7 @@ def load_config(path: str | Path) -> TrainConfig:
         raise ConfigError(f'{path}: [data] needs kind = "image-folder", "pyg", "audio-folder" or "text-csv"')
     return TrainConfig(
         path=path,
-        model=ModelSpec(spec, kwargs, (base / weights) if weights else None, ignore, seed),
+        model=ModelSpec(spec, kwargs, resolve(weights, spec, base) if weights else None, ignore, seed),
         data=data,
         lora=lora,
         train=train,

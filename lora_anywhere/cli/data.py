@@ -9,20 +9,23 @@ audio-folder    WAV files in ``<class>/`` folders, or beside a labels.csv     au
 text-csv        a CSV with a text column and a label column                   text-classification
 ==============  ============================================================  ======================
 
-Every kind takes ``train`` (a path), and ``val`` or else ``val_fraction`` (default
-0.2) of the training set, split with a fixed seed. Frameworks are imported only for
-the kind that needs them. Each loader checks what it reads and says what is wrong
+Every kind takes ``train`` (a path), ``val`` or else ``val_fraction`` (default 0.2)
+of the training set, split with a fixed seed, and optionally ``test`` (a path, scored
+once after training; for one graph, its ``test_mask``). Frameworks are imported only
+for the kind that needs them. Each loader checks what it reads and says what is wrong
 and how to fix it; nothing is unpickled (the PyG file loads with
-``weights_only=True``).
+``weights_only=True``). What a loader chose (normalisation, augmentation, which nodes
+each split holds) is in `LoadedData.info`, which the run folder records.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import re
 import wave
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,12 +42,15 @@ class LoadedData:
     classes: list[str]
     task: str  # the task the trainer runs by default on this data
     description: str
+    test: Any = None
+    #: What the loader chose, as the run folder records it (normalisation, augmentation, node splits…).
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------- options
 
 
-_COMMON = {"kind", "train", "val", "val_fraction"}
+_COMMON = {"kind", "train", "val", "val_fraction", "test"}
 
 
 def _check_keys(kind: str, options: dict[str, Any], allowed: set[str]) -> None:
@@ -91,6 +97,13 @@ def _split(dataset: Any, options: dict[str, Any], seed: int) -> tuple[Any, Any]:
     return Subset(dataset, order[n_val:]), Subset(dataset, order[:n_val])
 
 
+def _counts(train: Any, val: Any, test: Any, noun: str) -> str:
+    """ "8 training and 2 validation images", with "and 3 test" when there is a test set."""
+    if test is None:
+        return f"{len(train)} training and {len(val)} validation {noun}"
+    return f"{len(train)} training, {len(val)} validation and {len(test)} test {noun}"
+
+
 def _int(options: dict[str, Any], key: str, default: int | None, minimum: int = 1) -> int | None:
     value = options.get(key, default)
     if value is None:
@@ -102,55 +115,120 @@ def _int(options: dict[str, Any], key: str, default: int | None, minimum: int = 
 
 # ---------------------------------------------------------------------- images
 
+#: ImageNet's channel statistics, which torchvision's and timm's ImageNet weights expect.
+IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+AUGMENTATIONS = ("crop", "flip", "color")
 
-def load_images(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
-    """torchvision's ImageFolder; images are resized to ``image_size`` and scaled to
-    [0, 1], then normalised with ``mean``/``std`` if given."""
-    _check_keys("image-folder", options, {"image_size", "grayscale", "mean", "std"})
-    try:
-        from torchvision import datasets, transforms
-    except ImportError as exc:
-        raise DataSpecError("[data] kind 'image-folder' needs torchvision: pip install 'lora_anywhere[vision]'") from exc
+
+def image_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The image options, checked, with their defaults: what the run folder records and
+    `image_transform` builds from."""
     size = options.get("image_size", 224)
     if isinstance(size, bool) or not (
         isinstance(size, int) and size > 0 or isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)
     ):
         raise DataSpecError(f"[data] image_size must be a positive integer or [height, width], got {size!r}")
-    steps: list[Any] = [transforms.Resize(size if isinstance(size, int) else tuple(size))]
-    if options.get("grayscale", False):
-        steps.append(transforms.Grayscale())
-    steps.append(transforms.ToTensor())
+    normalize = options.get("normalize", "none")
+    if normalize == "imagenet":
+        stats: dict[str, Any] | None = dict(IMAGENET)
+    elif normalize == "none":
+        stats = None
+    else:
+        raise DataSpecError(
+            f'[data] normalize must be "imagenet" (ImageNet\'s mean and std) or "none", got {normalize!r}; or give mean and std'
+        )
     if "mean" in options or "std" in options:
         mean, std = options.get("mean"), options.get("std")
         if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std)):
             raise DataSpecError(f"[data] mean and std must be lists of one number per channel, got mean={mean!r}, std={std!r}")
-        steps.append(transforms.Normalize(mean, std))
-    transform = transforms.Compose(steps)
+        if "normalize" in options:
+            raise DataSpecError("[data] give either normalize or mean and std, not both")
+        stats = {"mean": mean, "std": std}
+    augment = options.get("augment", False)
+    if augment is True:
+        augment = ["crop", "flip"]
+    if augment is False:
+        augment = []
+    if not isinstance(augment, list) or not set(augment) <= set(AUGMENTATIONS):
+        raise DataSpecError(f"[data] augment must be true (crop and flip), false, or a list of {', '.join(AUGMENTATIONS)}; got {augment!r}")
+    return {"image_size": size, "grayscale": bool(options.get("grayscale", False)), "normalize": stats, "augment": augment}
 
-    def folder(path: Path) -> Any:
+
+def image_transform(chosen: dict[str, Any], *, train: bool) -> Any:
+    """Resize to ``image_size``, [0, 1] tensors, then the normalisation; for training
+    also the augmentations: ``crop`` (a random 50–100% area crop, resized back),
+    ``flip`` (left–right) and ``color`` (brightness, contrast, saturation ±20%)."""
+    from torchvision import transforms
+
+    size = chosen["image_size"] if isinstance(chosen["image_size"], int) else tuple(chosen["image_size"])
+    steps: list[Any] = []
+    augment = chosen["augment"] if train else []
+    steps.append(transforms.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True) if "crop" in augment else transforms.Resize(size))
+    if "flip" in augment:
+        steps.append(transforms.RandomHorizontalFlip())
+    if "color" in augment:
+        steps.append(transforms.ColorJitter(0.2, 0.2, 0.2))
+    if chosen["grayscale"]:
+        steps.append(transforms.Grayscale())
+    steps.append(transforms.ToTensor())
+    if chosen["normalize"] is not None:
+        steps.append(transforms.Normalize(chosen["normalize"]["mean"], chosen["normalize"]["std"]))
+    return transforms.Compose(steps)
+
+
+def describe_images(chosen: dict[str, Any]) -> str:
+    size = chosen["image_size"]
+    shown = f"{size}×{size}" if isinstance(size, int) else f"{size[0]}×{size[1]}"
+    norm = chosen["normalize"]
+    if norm is None:
+        how = 'scaled to [0, 1], not normalised (normalize = "imagenet" for ImageNet-pretrained weights)'
+    else:
+        how = f"scaled to [0, 1], normalised with mean {norm['mean']} and std {norm['std']}"
+    augment = f"; training augmented with {', '.join(chosen['augment'])}" if chosen["augment"] else ""
+    return f"{shown}, {how}{augment}"
+
+
+def load_images(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
+    """torchvision's ImageFolder; see `image_options` for the choices."""
+    _check_keys("image-folder", options, {"image_size", "grayscale", "mean", "std", "normalize", "augment"})
+    try:
+        from torchvision import datasets
+    except ImportError as exc:
+        raise DataSpecError("[data] kind 'image-folder' needs torchvision: pip install 'lora_anywhere[vision]'") from exc
+    chosen = image_options(options)
+    train_tf, eval_tf = image_transform(chosen, train=True), image_transform(chosen, train=False)
+
+    def folder(path: Path, transform: Any) -> Any:
         try:
             return datasets.ImageFolder(str(path), transform=transform)
         except (FileNotFoundError, RuntimeError) as exc:  # no class folders, or no images in them
             raise DataSpecError(f"[data] {path}: {exc}; put the images in one subfolder per class, e.g. {path}/cat/1.png") from exc
 
-    train_dir = _path(options, "train", base, required=True, folder=True)
-    val_dir = _path(options, "val", base, required=False, folder=True)
-    train = folder(train_dir)
-    if val_dir is not None:
-        val = folder(val_dir)
-        if val.classes != train.classes:
+    def same_classes(other: Any, key: str) -> Any:
+        if other.classes != train.classes:
             raise DataSpecError(
-                f"[data] the class folders differ: train has {train.classes}, val has {val.classes}; use the same class names in both"
+                f"[data] the class folders differ: train has {train.classes}, {key} has {other.classes}; use the same class names in both"
             )
-        train_set, val_set = train, val
-    else:
-        train_set, val_set = _split(train, options, seed)
+        return other
+
+    train_dir = _path(options, "train", base, required=True, folder=True)
+    train = folder(train_dir, train_tf)
+    val_dir = _path(options, "val", base, required=False, folder=True)
+    if val_dir is not None:
+        train_set, val_set = train, same_classes(folder(val_dir, eval_tf), "val")
+    else:  # two views of one folder: augmented for training, plain for validation
+        train_set, _ = _split(train, options, seed)
+        _, val_set = _split(folder(train_dir, eval_tf), options, seed)
+    test_dir = _path(options, "test", base, required=False, folder=True)
+    test_set = same_classes(folder(test_dir, eval_tf), "test") if test_dir is not None else None
     return LoadedData(
         train_set,
         val_set,
         list(train.classes),
         "image-classification",
-        f"{len(train_set)} training and {len(val_set)} validation images of {len(train.classes)} classes",
+        f"{_counts(train_set, val_set, test_set, 'images')} of {len(train.classes)} classes, {describe_images(chosen)}",
+        test=test_set,
+        info=chosen,
     )
 
 
@@ -159,8 +237,8 @@ def load_images(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
 
 def load_graphs(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
     """A PyG data set saved with ``InMemoryDataset.save(list_of_graphs, path)``. One
-    graph: node classification on its ``train_mask``/``val_mask`` (made from
-    ``val_fraction`` if absent). Several: graph classification, one ``y`` each."""
+    graph: node classification on its own masks (see `_node_split`). Several: graph
+    classification, one ``y`` each."""
     _check_keys("pyg", options, set())
     try:
         from torch_geometric.data import InMemoryDataset
@@ -187,20 +265,16 @@ def load_graphs(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
             raise DataSpecError(
                 "[data] node classification takes one graph with train_mask and val_mask; leave out val (or use val_fraction)"
             )
-        graph = train[0]
-        if getattr(graph, "train_mask", None) is None or getattr(graph, "val_mask", None) is None:
-            order = torch.randperm(graph.num_nodes, generator=torch.Generator().manual_seed(seed))
-            n_val = max(1, round(graph.num_nodes * _fraction(options)))
-            graph.val_mask = torch.zeros(graph.num_nodes, dtype=torch.bool)
-            graph.val_mask[order[:n_val]] = True
-            graph.train_mask = ~graph.val_mask
+        graph, test_view, split = _node_split(train[0], options, seed)
         classes = int(graph.y.max()) + 1
         return LoadedData(
             graph,
             graph,
             [str(c) for c in range(classes)],
             "node-classification",
-            f"one graph of {graph.num_nodes} nodes ({int(graph.train_mask.sum())} to train on, {int(graph.val_mask.sum())} to validate on), {classes} classes",
+            f"one graph of {graph.num_nodes} nodes ({split}), {classes} classes",
+            test=test_view,
+            info={"nodes": split},
         )
     graphs = [train[i] for i in range(len(train))]
     if val_path is not None:
@@ -208,17 +282,93 @@ def load_graphs(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
         train_set, val_set = graphs, [val_data[i] for i in range(len(val_data))]
     else:
         train_set, val_set = (list(part) for part in _split(graphs, options, seed))
+    test_path = _path(options, "test", base, required=False, folder=False)
+    test_set = None
+    if test_path is not None:
+        test_data = SavedGraphs(test_path)
+        test_set = [test_data[i] for i in range(len(test_data))]
     classes = int(max(int(g.y.max()) for g in graphs)) + 1
     return LoadedData(
         train_set,
         val_set,
         [str(c) for c in range(classes)],
         "graph-classification",
-        f"{len(train_set)} training and {len(val_set)} validation graphs, {classes} classes",
+        f"{_counts(train_set, val_set, test_set, 'graphs')}, {classes} classes",
+        test=test_set,
     )
 
 
+def _node_split(graph: Any, options: dict[str, Any], seed: int) -> tuple[Any, Any, str]:
+    """The graph's own masks when it has them (a missing val_mask: the nodes no other
+    mask claims); a random split only when it has none and ``val_fraction`` asks for
+    one. Returns the graph, a view of it whose val_mask is its test_mask (or None),
+    and which nodes each split holds, in words."""
+    masks = [m for m in ("train_mask", "val_mask", "test_mask") if getattr(graph, m, None) is not None]
+    if masks and "val_fraction" in options:
+        raise DataSpecError(
+            f"[data] the graph has its own {', '.join(masks)}, which are used as they are; leave out val_fraction (it splits graphs without masks)"
+        )
+    if not masks:
+        if "val_fraction" not in options:
+            raise DataSpecError(
+                "[data] the graph has no train_mask, val_mask or test_mask, so nothing is held out to validate on; add masks to the "
+                "graph, or set val_fraction = 0.2 to hold out a random 20% of its nodes"
+            )
+        order = torch.randperm(graph.num_nodes, generator=torch.Generator().manual_seed(seed))
+        n_val = max(1, round(graph.num_nodes * _fraction(options)))
+        graph.val_mask = torch.zeros(graph.num_nodes, dtype=torch.bool)
+        graph.val_mask[order[:n_val]] = True
+        graph.train_mask = ~graph.val_mask
+    from ..training.tasks import NodeClassification
+
+    task = NodeClassification()
+    train_nodes, train_how = task.nodes(graph, train=True)
+    val_nodes, val_how = task.nodes(graph, train=False)
+    if not masks:
+        val_how = f"a random {_fraction(options):.0%} (val_fraction; the graph has no masks)"
+    test_view, test_how = None, ""
+    if getattr(graph, "test_mask", None) is not None:
+        test_view = copy.copy(graph)
+        test_view.val_mask = graph.test_mask
+        test_how = f", {int(graph.test_mask.sum())} to test on (test_mask)"
+    counted = lambda mask: graph.num_nodes if mask is None else int(mask.sum())  # noqa: E731
+    split = f"{counted(train_nodes)} to train on ({train_how}), {counted(val_nodes)} to validate on ({val_how}){test_how}"
+    return graph, test_view, split
+
+
 # ---------------------------------------------------------------------- audio
+
+
+#: The files an audio folder lists: WAV is read by the standard library, the rest by torchaudio.
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a")
+
+
+def read_audio(path: Path) -> tuple[torch.Tensor, int]:
+    """A mono float waveform and its sample rate: PCM WAV with the standard library's
+    `wave` (no audio backend needed), any other file — FLAC, MP3, Ogg, float WAV — with
+    ``torchaudio.load``, which needs a decoding backend (torchcodec, with FFmpeg)."""
+    if path.suffix.lower() == ".wav":
+        try:
+            return read_wav(path)
+        except DataSpecError as exc:
+            if "not a PCM WAV file" not in str(exc):
+                raise
+            first = exc
+    else:
+        first = None
+    try:
+        import torchaudio
+
+        waveform, rate = torchaudio.load(str(path))
+    except Exception as exc:  # no backend (ImportError, RuntimeError), or a file it cannot decode
+        if first is not None and path.suffix.lower() == ".wav":
+            raise first from exc
+        raise DataSpecError(
+            f"[data] {path} cannot be read: torchaudio.load failed ({type(exc).__name__}: {exc}). torchaudio reads "
+            f"{path.suffix} through a backend (pip install torchcodec, with FFmpeg installed); or convert the file to PCM WAV, which "
+            "needs none: ffmpeg -i in.flac -ac 1 out.wav"
+        ) from exc
+    return waveform.float().mean(0), int(rate)
 
 
 def read_wav(path: Path) -> tuple[torch.Tensor, int]:
@@ -254,7 +404,7 @@ class AudioFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        wave_, rate = read_wav(self.files[i])
+        wave_, rate = read_audio(self.files[i])
         if rate != self.rate:
             raise DataSpecError(
                 f"[data] {self.files[i]} has sample rate {rate}, the others {self.rate}; resample it (e.g. ffmpeg -i in.wav -ar {self.rate} out.wav)"
@@ -273,26 +423,29 @@ def _audio_listing(folder: Path) -> list[tuple[Path, str]]:
         if missing:
             raise DataSpecError(f"[data] {table} lists files that do not exist: {', '.join(missing[:3])}; paths are relative to {folder}")
         return pairs
-    pairs = [(f, d.name) for d in sorted(folder.iterdir()) if d.is_dir() for f in sorted(d.iterdir()) if f.suffix.lower() == ".wav"]
+    pairs = [(f, d.name) for d in sorted(folder.iterdir()) if d.is_dir() for f in sorted(d.iterdir()) if f.suffix.lower() in AUDIO_SUFFIXES]
     if not pairs:
-        raise DataSpecError(f"[data] {folder} has neither labels.csv (columns file,label) nor class subfolders with .wav files")
+        raise DataSpecError(
+            f"[data] {folder} has neither labels.csv (columns file,label) nor class subfolders with audio files ({', '.join(AUDIO_SUFFIXES)})"
+        )
     return pairs
 
 
 def load_audio(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
-    """WAV files (read with the standard library's `wave`, so no audio backend is
-    needed), labelled by ``labels.csv`` or by class subfolders. All files must share
-    one sample rate; ``sample_rate`` states it, ``max_seconds`` crops long files."""
+    """Audio files (see `read_audio`: PCM WAV needs no audio backend), labelled by
+    ``labels.csv`` or by class subfolders. All files must share one sample rate;
+    ``sample_rate`` states it, ``max_seconds`` crops long files."""
     _check_keys("audio-folder", options, {"sample_rate", "max_seconds"})
     train_dir = _path(options, "train", base, required=True, folder=True)
     val_dir = _path(options, "val", base, required=False, folder=True)
     train_pairs = _audio_listing(train_dir)
     val_pairs = _audio_listing(val_dir) if val_dir is not None else []
+    test_dir = _path(options, "test", base, required=False, folder=True)
+    test_pairs = _audio_listing(test_dir) if test_dir is not None else []
     classes = _classes([label for _, label in train_pairs])
-    unknown = sorted({label for _, label in val_pairs} - set(classes))
-    if unknown:
-        raise DataSpecError(f"[data] validation labels {unknown} do not occur in the training data ({classes})")
-    _, rate = read_wav(train_pairs[0][0])
+    _known_labels(classes, [label for _, label in val_pairs], "validation")
+    _known_labels(classes, [label for _, label in test_pairs], "test")
+    _, rate = read_audio(train_pairs[0][0])
     wanted = _int(options, "sample_rate", None)
     if wanted is not None and wanted != rate:
         raise DataSpecError(
@@ -309,12 +462,15 @@ def load_audio(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
 
     train = dataset(train_pairs)
     train_set, val_set = (train, dataset(val_pairs)) if val_pairs else _split(train, options, seed)
+    test_set = dataset(test_pairs) if test_pairs else None
     return LoadedData(
         train_set,
         val_set,
         classes,
         "audio-classification",
-        f"{len(train_set)} training and {len(val_set)} validation clips at {rate} Hz, {len(classes)} classes",
+        f"{_counts(train_set, val_set, test_set, 'clips')} at {rate} Hz, {len(classes)} classes",
+        test=test_set,
+        info={"sample_rate": rate, "max_seconds": seconds},
     )
 
 
@@ -334,6 +490,12 @@ def _read_csv(path: Path, columns: list[str]) -> list[dict[str, str]]:
     if not rows:
         raise DataSpecError(f"[data] {path} has a header but no rows")
     return rows
+
+
+def _known_labels(classes: list[str], labels: list[str], split: str) -> None:
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        raise DataSpecError(f"[data] {split} labels {unknown} do not occur in the training data ({classes})")
 
 
 def _classes(labels: list[str]) -> list[str]:
@@ -374,21 +536,11 @@ class Texts(Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": self.labels[i]}
 
 
-def load_text(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
-    """A CSV (``text_column``, ``label_column``), tokenised by a local Hugging Face
-    tokenizer folder (``tokenizer``) or by `hashing_tokenizer` (``vocab_size``, which
-    must match the model's embedding), cut to ``max_length`` tokens."""
-    _check_keys("text-csv", options, {"text_column", "label_column", "max_length", "vocab_size", "lowercase", "tokenizer"})
-    text_col, label_col = options.get("text_column", "text"), options.get("label_column", "label")
+def text_encoder(options: dict[str, Any], base: Path) -> tuple[Callable[[str], list[int]], str]:
+    """The tokenizer a [data] section names — a local Hugging Face tokenizer folder
+    (``tokenizer``) or `hashing_tokenizer` (``vocab_size``) — cut to ``max_length``
+    tokens, and its description."""
     max_length = _int(options, "max_length", 128)
-    train_path = _path(options, "train", base, required=True, folder=False)
-    val_path = _path(options, "val", base, required=False, folder=False)
-    train_rows = _read_csv(train_path, [text_col, label_col])
-    val_rows = _read_csv(val_path, [text_col, label_col]) if val_path is not None else []
-    classes = _classes([r[label_col] for r in train_rows])
-    unknown = sorted({r[label_col] for r in val_rows} - set(classes))
-    if unknown:
-        raise DataSpecError(f"[data] validation labels {unknown} do not occur in the training data ({classes})")
     tokenizer_dir = _path(options, "tokenizer", base, required=False, folder=True)
     if tokenizer_dir is not None:
         if "vocab_size" in options:
@@ -405,33 +557,46 @@ def load_text(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
             raise DataSpecError(
                 f"[data] tokenizer: {tokenizer_dir} is not a tokenizer folder ({exc}); save one there with tokenizer.save_pretrained(...)"
             ) from exc
-        encode: Callable[[str], list[int]] = lambda text: hf(text, truncation=True, max_length=max_length)["input_ids"]  # noqa: E731
-        what = f"tokenizer {tokenizer_dir.name}"
-    else:
-        vocab_size = _int(options, "vocab_size", None, minimum=2)
-        if vocab_size is None:
-            raise DataSpecError(
-                "[data] kind 'text-csv' needs vocab_size = N (the rows of the model's token embedding) or tokenizer = \"FOLDER\""
-            )
-        encode = hashing_tokenizer(vocab_size, bool(options.get("lowercase", True)))
-        what = f"hashing tokenizer, {vocab_size} ids"
+        return (lambda text: hf(text, truncation=True, max_length=max_length)["input_ids"]), f"tokenizer {tokenizer_dir.name}"
+    vocab_size = _int(options, "vocab_size", None, minimum=2)
+    if vocab_size is None:
+        raise DataSpecError(
+            "[data] kind 'text-csv' needs vocab_size = N (the rows of the model's token embedding) or tokenizer = \"FOLDER\""
+        )
+    hashing = hashing_tokenizer(vocab_size, bool(options.get("lowercase", True)))
+    return (lambda text: hashing(text)[:max_length]), f"hashing tokenizer, {vocab_size} ids"
+
+
+def load_text(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
+    """A CSV (``text_column``, ``label_column``), tokenised by `text_encoder`."""
+    _check_keys("text-csv", options, {"text_column", "label_column", "max_length", "vocab_size", "lowercase", "tokenizer"})
+    text_col, label_col = options.get("text_column", "text"), options.get("label_column", "label")
+    paths = {split: _path(options, split, base, required=split == "train", folder=False) for split in ("train", "val", "test")}
+    rows = {split: _read_csv(path, [text_col, label_col]) for split, path in paths.items() if path is not None}
+    classes = _classes([r[label_col] for r in rows["train"]])
+    _known_labels(classes, [r[label_col] for r in rows.get("val", [])], "validation")
+    _known_labels(classes, [r[label_col] for r in rows.get("test", [])], "test")
+    encode, what = text_encoder(options, base)
     index = {c: i for i, c in enumerate(classes)}
 
-    def dataset(rows: list[dict[str, str]], path: Path) -> Texts:
-        ids = [encode(r[text_col])[:max_length] for r in rows]
+    def dataset(split: str) -> Texts:
+        ids = [encode(r[text_col]) for r in rows[split]]
         empty = [i + 2 for i, t in enumerate(ids) if not t]
         if empty:
-            raise DataSpecError(f"[data] {path}: rows {empty[:5]} have no tokens in column {text_col!r}; remove them")
-        return Texts(ids, [index[r[label_col]] for r in rows])
+            raise DataSpecError(f"[data] {paths[split]}: rows {empty[:5]} have no tokens in column {text_col!r}; remove them")
+        return Texts(ids, [index[r[label_col]] for r in rows[split]])
 
-    train = dataset(train_rows, train_path)
-    train_set, val_set = (train, dataset(val_rows, val_path)) if val_path is not None else _split(train, options, seed)
+    train = dataset("train")
+    train_set, val_set = (train, dataset("val")) if "val" in rows else _split(train, options, seed)
+    test_set = dataset("test") if "test" in rows else None
     return LoadedData(
         train_set,
         val_set,
         classes,
         "text-classification",
-        f"{len(train_set)} training and {len(val_set)} validation texts ({what}), {len(classes)} classes",
+        f"{_counts(train_set, val_set, test_set, 'texts')} ({what}), {len(classes)} classes",
+        test=test_set,
+        info={"tokenizer": what},
     )
 
 

@@ -145,7 +145,10 @@ def select_rank(
             params = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_adapters" in n)
             trainer = Trainer(model, train, val, task=task, seed=seed, progress=False, **(trainer_kwargs or {}))
             if not scores and k == 0:  # a metric the trainer will never report: say so before any training
-                known = sorted(f"{split}_{name}" for name in trainer.evaluate(val) for split in ("train", "val"))
+                report = trainer.report(val)
+                known = sorted(
+                    {f"val_{name}" for name in report.metrics} | {f"train_{n}" for n in report.metrics if n not in report.eval_only}
+                )
                 if metric not in known:
                     raise LoraError(f"metric {metric!r} is not one the trainer reports for this task; choose one of {', '.join(known)}")
             history = trainer.fit()

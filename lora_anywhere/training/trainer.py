@@ -12,10 +12,6 @@ atomically, and a NaN loss or Ctrl-C never overwrites the last good one.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
-import logging
 import math
 import os
 import random
@@ -23,35 +19,31 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..atomic import atomic_dir, atomic_file
-from ..errors import AdapterFileError, LoraError, NonFiniteLossError, NotAdaptedError
+from ..atomic import atomic_dir
+from ..errors import AdapterFileError, LoraError, NonFiniteLossError, NotAdaptedError, TaskError
 from ..io import adapter_state_dict, read_adapter, save_adapter
-from ..log import logger
 from ..state import model_state
-from .tasks import LoaderSpec, StepResult, Task, get_task
+from . import metrics as metric_sets
+from .data import LoaderSpec, check_dataset, length, to_device
+from .reporting import Report, TensorBoard, epoch_line, plot_curves, process_rank, say, warn, write_history
+from .reporting import bar as _bar
+from .tasks import StepResult, Task, get_task
 
 STATE_FILE = "trainer_state.pt"
 STATE_VERSION = 1
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-def _say(message: str, level: int = logging.INFO) -> None:
-    """One line for the `lora_anywhere` logger, from rank 0 only (see `log.py`)."""
-    if _rank() == 0:
-        logger.log(level, message)
-
-
-def _warn(message: str) -> None:
-    _say(message, logging.WARNING)
+# The rank-0 logging helpers under the names the loop uses.
+_say, _warn, _rank = say, warn, process_rank
 
 
 class Trainer:
@@ -102,6 +94,10 @@ class Trainer:
         regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
         regularizer_weight: float = 0.0,
         weight: float | None = None,
+        save_every: int = 1,
+        plot_every: int | None = None,
+        tensorboard: bool = False,
+        class_names: list[str] | None = None,
     ) -> None:
         _check(isinstance(epochs, int) and epochs >= 1, f"epochs must be a positive integer, got {epochs!r}")
         _check(isinstance(grad_accum, int) and grad_accum >= 1, f"grad_accum must be a positive integer, got {grad_accum!r}")
@@ -113,6 +109,15 @@ class Trainer:
         _check(warmup >= 0, f"warmup must be ≥ 0, got {warmup!r}")
         _check(patience is None or val_data is not None, "early stopping (patience=...) needs val_data to watch")
         _check(not resume or out_dir is not None, "resume=True needs the out_dir the interrupted run wrote to")
+        _check(
+            _whole(save_every), f"save_every (epochs between checkpoints in out_dir/last) must be a positive integer, got {save_every!r}"
+        )
+        _check(
+            plot_every is None or _whole(plot_every),
+            f"plot_every must be None (curves.png at the end) or a positive integer, got {plot_every!r}",
+        )
+        _check(isinstance(tensorboard, bool), f"tensorboard must be True or False, got {tensorboard!r}")
+        _check(not tensorboard or out_dir is not None, "tensorboard=True writes to out_dir/tensorboard; give an out_dir")
         state = model_state(model)
         if not state or not state.adapters:
             raise NotAdaptedError("the model carries no adapter; call lora_anywhere.apply(model, ...) before training it")
@@ -128,6 +133,9 @@ class Trainer:
             raise NotAdaptedError("no parameter of the model requires grad: nothing to train")
         self.task = get_task(task)
         self.train_data, self.val_data = train_data, val_data
+        check_dataset(self.task, train_data)
+        check_dataset(self.task, val_data)
+        self._split_line = self.task.describe_split(train_data, val_data)  # raises when nothing is held out
         self.epochs, self.grad_accum, self.clip, self.seed = epochs, grad_accum, clip, seed
         self.batch_size, self.num_workers = batch_size, num_workers
         self.precision = (
@@ -135,6 +143,12 @@ class Trainer:
         )
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.log_format = log_format
+        self.save_every, self.plot_every, self.class_names = save_every, plot_every, class_names
+        self._tensorboard = TensorBoard(self.out_dir / "tensorboard") if tensorboard and self.out_dir and self.process_rank == 0 else None
+        self._plotted = 0
+        self._collections: dict[tuple[int, int], tuple[Task, Any]] = {}  # the task is kept so that its id stays its own
+        #: The last validation's report (per-class accuracy, confusion matrix), written to out_dir at the end.
+        self.val_report: Report | None = None
         # Bars on a terminal (or when asked); one logged line per epoch unless progress=False.
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.process_rank == 0
         self.report_epochs = progress is not False
@@ -151,7 +165,7 @@ class Trainer:
         self.regularizer, self.regularizer_weight = regularizer, float(regularizer_weight)
 
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
-        per_epoch = _length(self.task.batches(train_data, train=True, spec=self._spec(0)))
+        per_epoch = length(self.task.batches(train_data, train=True, spec=self._spec(0)))
         if per_epoch is None and schedule != "constant":
             _warn(f"the training data has no len(), so the {schedule} schedule cannot be planned; using a constant lr")
             schedule = "constant"
@@ -175,7 +189,19 @@ class Trainer:
         if position is None:
             _seed_everything(self.seed)
             position = {"epoch": 0, "batch": 0}
+        self._preflight()
         net = self._wrapped()
+        try:
+            self._loop(net, position)
+        finally:
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+        self._finish()
+        return self.history
+
+    def _loop(self, net: nn.Module, position: dict[str, Any]) -> None:
+        """The epochs from `position` on: train, validate, log, checkpoint; stops early,
+        on Ctrl-C, or after the last epoch."""
         with self._stop:
             for epoch in range(position["epoch"], self.epochs):
                 started = time.perf_counter()
@@ -191,34 +217,84 @@ class Trainer:
                     break
                 row: dict[str, float] = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train.items()}}
                 if self.val_data is not None:
-                    row.update({f"val_{k}": v for k, v in self._evaluate(self.val_data, self.task, f"val {epoch + 1}").items()})
+                    self.val_report = self._evaluate(self.val_data, self.task, f"val {epoch + 1}")
+                    row.update({f"val_{k}": v for k, v in self.val_report.metrics.items()})
                 row["lr"] = self.scheduler.get_last_lr()[0]
                 row["seconds"] = round(time.perf_counter() - started, 3)
                 self.history.append(row)
                 # One line per epoch, terminal or not (nohup, Slurm, CI); the bars vanish.
                 if self.report_epochs:
-                    _say(f"epoch {epoch + 1}/{self.epochs}  " + "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+                    _say(epoch_line(row, self.epochs))
+                if self._tensorboard is not None:
+                    self._tensorboard.log(row)
                 stop = self._end_of_epoch(row)
-                self._save_checkpoint({"epoch": epoch + 1, "batch": 0, "rng_epoch": _rng_state(self.device)})
-                self._write_logs()
-                if self._agreed(self._stop.requested):
+                interrupted = self._agreed(self._stop.requested)
+                final = stop or interrupted or epoch + 1 == self.epochs
+                if final or (epoch + 1) % self.save_every == 0:
+                    self._save_checkpoint({"epoch": epoch + 1, "batch": 0, "rng_epoch": _rng_state(self.device)})
+                self._write_logs(plot=self.plot_every is not None and (epoch + 1) % self.plot_every == 0)
+                if interrupted:
                     self.interrupted = True
                     _warn(f"interrupted after epoch {epoch + 1}; run again with resume=True to continue")
                     break
                 if stop:
                     _say(f"early stopping after epoch {epoch + 1}: {self.monitor} has not improved for {self.patience} epochs")
                     break
-        return self.history
+
+    def _preflight(self) -> None:
+        """Before the first step: say which examples the figures are on, and run the
+        task's check on the first training batch (eval mode, no gradients, every RNG
+        restored, so training itself is unchanged): a model whose output does not fit
+        the labels fails here, with the fix in the message, not mid-epoch."""
+        if self._split_line:
+            _say(self._split_line)
+        batches = self.task.batches(self.train_data, train=True, spec=self._spec(0))
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            try:
+                batch = next(iter(batches), None)
+            except LoraError:
+                raise
+            except Exception as exc:  # a collate or dataset error, before any step
+                raise TaskError(
+                    f"{self.task.name}: the first training batch cannot be made from the data ({type(exc).__name__}: {exc}); "
+                    f"{self.task.data_hint()}"
+                ) from exc
+            if batch is None:
+                raise TaskError("the training data gives no batch; check that it is not empty")
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                with torch.no_grad(), self._autocast():
+                    self.task.check(self.model, to_device(batch, self.device))
+            finally:
+                self.model.train(was_training)
+
+    def _finish(self) -> None:
+        """After training: the curves (unless just drawn) and the last validation's report
+        (per-class accuracy, confusion matrix) in out_dir."""
+        if self.out_dir is None or self.process_rank != 0 or not self.history:
+            return
+        if self._plotted != len(self.history):
+            plot_curves(self.history, self.out_dir / "curves.png")
+            self._plotted = len(self.history)
+        if self.val_report is not None and self.val_report.details:
+            self.val_report.save(self.out_dir, "val", self.class_names)
 
     @property
     def rank(self) -> int:
         """The old name of `process_rank` (this process's index under torchrun, not a LoRA rank)."""
         return self.process_rank
 
-    @torch.no_grad()
     def evaluate(self, data: Any, task: str | Task | None = None) -> dict[str, float]:
-        """The mean loss and the task's metrics (``accuracy`` for classification) over `data`.
-        Under DDP every rank must call it; each evaluates its share."""
+        """The mean loss and the task's metrics over `data` (``accuracy`` and ``macro_f1``
+        for classification). Under DDP every rank must call it; each evaluates its share."""
+        return self.report(data, task).metrics
+
+    def report(self, data: Any, task: str | Task | None = None) -> Report:
+        """`evaluate` with the details that are not one number: per-class accuracy and
+        the confusion matrix for classification (``report.save(folder, "test")`` writes
+        them as JSON and PNG)."""
         return self._evaluate(data, get_task(task) if task is not None else self.task, "eval")
 
     # ------------------------------------------------------------------ one epoch
@@ -226,7 +302,7 @@ class Trainer:
     def _train_epoch(self, net: nn.Module, epoch: int, resume_at: dict[str, Any] | None) -> dict[str, float] | None:
         """Train one epoch; return its metrics, or None if stopped by Ctrl-C (saved)."""
         batches = self.task.batches(self.train_data, train=True, spec=self._spec(epoch))
-        n = _length(batches)
+        n = length(batches)
         start = resume_at["batch"] if resume_at else 0
         if resume_at:
             _set_rng(resume_at["rng_epoch"], self.device)
@@ -248,7 +324,7 @@ class Trainer:
                 sync = contextlib.nullcontext() if boundary or self._ddp is None else net.no_sync()
                 with sync:
                     with self._autocast():
-                        result = self.task.step(net, _to_device(batch, self.device), train=True)
+                        result = self.task.step(net, to_device(batch, self.device), train=True)
                     objective = result.loss
                     if self.regularizer is not None:  # the task loss + λ·penalty; metrics keep the task loss
                         objective = objective + self.regularizer_weight * self.regularizer(self.model)
@@ -331,24 +407,55 @@ class Trainer:
         return self.patience is not None and self.bad_epochs >= self.patience
 
     @torch.no_grad()
-    def _evaluate(self, data: Any, task: Task, desc: str) -> dict[str, float]:
+    def _evaluate(self, data: Any, task: Task, desc: str) -> Report:
         # The bare model: no DDP collectives, so ranks may hold shards of any size.
         was_training = self.model.training
         self.model.eval()
         totals = _Totals()
+        collection, width = None, 0
         batches = task.batches(data, train=False, spec=self._spec(0))
-        bar = _bar(self.progress, total=_length(batches), initial=0, desc=desc)
+        bar = _bar(self.progress, total=length(batches), initial=0, desc=desc)
         try:
             for batch in batches:
                 with self._autocast():
-                    totals.add(task.step(self.model, _to_device(batch, self.device), train=False))
+                    result = task.step(self.model, to_device(batch, self.device), train=False)
+                totals.add(result)
+                if result.outputs is not None and result.targets is not None:
+                    if not width:
+                        width = result.outputs.shape[-1] if result.outputs.dim() > 1 else 1
+                        collection = self._metric_collection(task, width)
+                    if collection is not None:
+                        metric_sets.update(collection, result.outputs, result.targets)
                 if bar is not None:
                     bar.update(1)
         finally:
             if bar is not None:
                 bar.close()
             self.model.train(was_training)
-        return self._reduce(totals).means()
+        metrics = self._reduce(totals).means()
+        if self.world_size > 1:  # a rank that saw no batch still takes part in the metrics' sum
+            widths: list[Any] = [None] * self.world_size
+            dist.all_gather_object(widths, width)
+            if not width and max(widths):
+                collection = self._metric_collection(task, max(widths))
+        details: dict[str, Any] = {}
+        scalars: dict[str, float] = {}
+        if collection is not None:
+            scalars, details = metric_sets.summarise(collection)
+            metrics.update(scalars)
+        return Report(metrics, details, list(scalars))
+
+    def _metric_collection(self, task: Task, width: int) -> Any:
+        """The task's torchmetrics collection for outputs of this width, reset: made once
+        per (task, width) and reused, as making one costs more than an evaluation's updates."""
+        key = (id(task), width)
+        if key not in self._collections:
+            collection = task.eval_metrics(width)
+            self._collections[key] = (task, collection.to(self.device) if collection is not None else None)
+        collection = self._collections[key][1]
+        if collection is not None:
+            collection.reset()
+        return collection
 
     # ------------------------------------------------------------------ helpers
 
@@ -401,7 +508,7 @@ class Trainer:
             self.model.eval()
             try:
                 with self._autocast():
-                    result = self.task.step(self.model, _to_device(next(iter(batches)), self.device), train=True)
+                    result = self.task.step(self.model, to_device(next(iter(batches)), self.device), train=True)
                 result.loss.backward()
             finally:
                 self.model.train()
@@ -451,21 +558,14 @@ class Trainer:
             _say(f"resuming from {folder}: epoch {state['epoch'] + 1}, batch {state['batch']}")
         return state
 
-    def _write_logs(self) -> None:
+    def _write_logs(self, *, plot: bool) -> None:
+        """metrics.csv (or .jsonl) every epoch; curves.png when `plot` (and at the end)."""
         if self.out_dir is None or self.process_rank != 0:
             return
-        if self.log_format == "jsonl":
-            text = "".join(json.dumps(row) + "\n" for row in self.history)
-        else:
-            columns = list(dict.fromkeys(k for row in self.history for k in row))
-            buffer = io.StringIO()
-            writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(self.history)
-            text = buffer.getvalue()
-        with atomic_file(self.out_dir / f"metrics.{self.log_format}") as tmp:
-            tmp.write_text(text)
-        _plot(self.history, self.out_dir / "curves.png")
+        write_history(self.history, self.out_dir / f"metrics.{self.log_format}")
+        if plot:
+            plot_curves(self.history, self.out_dir / "curves.png")
+            self._plotted = len(self.history)
 
 
 # ---------------------------------------------------------------------- running sums
@@ -555,10 +655,6 @@ class _StopRequest:
 
 
 # ---------------------------------------------------------------------- distributed
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _setup(device: str | torch.device) -> tuple[int, int, torch.device]:
@@ -657,69 +753,9 @@ def _minimise(monitor: str) -> bool:
     return "loss" in monitor
 
 
-def _length(batches: Iterable[Any]) -> int | None:
-    try:
-        return len(batches)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, Mapping):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_to_device(v, device) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    to = getattr(obj, "to", None)
-    return to(device) if callable(to) else obj  # a PyG Data/Batch, a BatchEncoding
-
-
-_MISSING_NOTED: set[str] = set()
-
-
-def _optional(module: str, what: str) -> Any:
-    """Import an optional dependency, or say once what is lost without it."""
-    try:
-        return __import__(module, fromlist=["_"])
-    except ImportError:
-        if module not in _MISSING_NOTED:
-            _MISSING_NOTED.add(module)
-            _warn(f"{module} is not installed, so {what}; pip install 'lora_anywhere[train]'")
-        return None
-
-
-def _bar(enabled: bool, *, total: int | None, initial: int, desc: str) -> Any:
-    if not enabled:
-        return None
-    tqdm = _optional("tqdm.auto", "there are no progress bars")
-    if tqdm is None:
-        return None
-    return tqdm.tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def _plot(history: list[dict[str, float]], path: Path) -> None:
-    figure_module = _optional("matplotlib.figure", "no curves.png is drawn")
-    if figure_module is None or not history:
-        return
-    fig = figure_module.Figure(figsize=(10, 4), layout="constrained")
-    loss_ax, metric_ax = fig.subplots(1, 2)
-    epochs = [row["epoch"] for row in history]
-    skip = {"epoch", "lr", "seconds"}
-    for key in dict.fromkeys(k for row in history for k in row):
-        if key in skip:
-            continue
-        ax = loss_ax if key.endswith("loss") else metric_ax
-        ax.plot(epochs, [row.get(key, math.nan) for row in history], marker="o", label=key)
-    for ax, title in ((loss_ax, "loss"), (metric_ax, "metrics")):
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        if ax.lines:
-            ax.legend()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+def _whole(value: Any) -> bool:
+    """A positive integer (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _check(ok: bool, message: str) -> None:

@@ -85,18 +85,21 @@ def _abandoned(path: Path) -> int | None:
     return None
 
 
-def _new_entry(target: Path, *, folder: bool) -> tuple[Path, int]:
-    """A fresh temporary file or folder beside `target`, with a descriptor that holds
-    its lock. A concurrent `_clean` may delete it between its creation and the lock:
-    then the name no longer leads to the locked entry, and another is made."""
+def _new_entry(target: Path, *, folder: bool) -> tuple[Path, int | None]:
+    """A fresh temporary file or folder beside `target`, and a descriptor that holds
+    its lock (None where locks are not offered). A concurrent `_clean` may delete it
+    between its creation and the lock: then the name no longer leads to the locked
+    entry, and another is made."""
     while True:
         tmp = _sibling(target, TMP)
         try:
             if folder:
                 os.mkdir(tmp, 0o777)  # the kernel applies the umask
-                fd = _open(tmp)
             else:
-                fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | _CLOEXEC | getattr(os, "O_BINARY", 0), 0o666)
+                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | _CLOEXEC | getattr(os, "O_BINARY", 0), 0o666))
+            if fcntl is None:
+                return tmp, None
+            fd = _open(tmp)
         except (FileExistsError, FileNotFoundError):
             continue
         _locked(fd, wait=True)
@@ -106,6 +109,15 @@ def _new_entry(target: Path, *, folder: bool) -> tuple[Path, int]:
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+def _hold(path: Path) -> int | None:
+    """A descriptor of `path` holding its lock, or None where locks are not offered."""
+    if fcntl is None:
+        return None
+    fd = _open(path)
+    _locked(fd, wait=True)
+    return fd
 
 
 def _remove(path: Path) -> None:
@@ -211,7 +223,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     _clean(target)
     tmp, fd = _new_entry(target, folder=False)
     try:
-        mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0o666 under the umask
+        mode = stat.S_IMODE(tmp.stat().st_mode)  # 0o666 under the umask
         yield tmp
         if stat.S_IMODE(tmp.stat().st_mode) != mode:  # the writer made a file of its own
             os.chmod(tmp, mode)
@@ -219,7 +231,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, target)
         _fsync(target.parent)
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
         _remove(tmp)
 
 
@@ -244,8 +257,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         elif not _exchange(tmp, target):
             # Two renames, with the old folder locked while it is aside: `recover`
             # puts it back only if this process dies before the new one is in place.
-            held.append(_open(target))
-            _locked(held[-1], wait=True)
+            held.append(_hold(target))
             aside = _sibling(target, OLD)
             os.rename(target, aside)
             os.rename(tmp, target)
@@ -255,4 +267,5 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         _remove(tmp)  # after an exchange: the old content
         for each in held:
-            os.close(each)
+            if each is not None:
+                os.close(each)

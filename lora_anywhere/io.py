@@ -90,30 +90,39 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
     """Write the adapter to folder `path` (``adapter_model.safetensors`` and
     ``adapter_config.json``), atomically. Returns the folder."""
+    tensors, config = _prepared(model, name)
     with atomic_dir(path) as tmp:
-        write_adapter(model, tmp, name)
+        _write(tmp, tensors, config)
     return Path(path)
 
 
 def write_adapter(model: nn.Module, folder: Path, name: str | None = None) -> None:
     """Write the adapter's two files into the existing `folder`, for a caller that
-    makes that folder take its place atomically itself (`save_adapter`, a Trainer
-    checkpoint that adds its own state beside them)."""
+    makes that folder take its place atomically itself (a Trainer checkpoint, which
+    adds its own state beside them)."""
+    _write(folder, *_prepared(model, name))
+
+
+def _prepared(model: nn.Module, name: str | None) -> tuple[dict[str, torch.Tensor], AdapterConfig]:
+    """The tensors (on the CPU) and the config to write, refused if they would not load."""
     model = unwrap(model)
     name = _adapter_name(model, name)
     live = adapter_state_dict(model, name)
     for key, value in live.items():
         if value.device.type == "meta":
             raise LoraError(
-                f"{key} is on the meta device and has no values to save; call model.to_empty(device=...), "
-                "load the base weights and initialise the adapters (see the README) before saving"
+                f"{key} is on the meta device and has no values to save; call model.to_empty(device=...) "
+                "and load the base weights before saving"
             )
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise LoraError(f"{key} holds NaN or infinite values; such an adapter would not load. Train with a lower lr or clip")
     buffers = sorted(k[len(BUFFERS) :] for k in live if k.startswith(BUFFERS))
     config = dataclasses.replace(model_state(model).adapters[name], buffers=buffers)
-    tensors = {k: v.cpu().contiguous().clone() for k, v in live.items()}
-    save_file(tensors, str(folder / TENSORS_FILE), metadata={"format": FORMAT, "adapter": name})
+    return {k: v.cpu().contiguous().clone() for k, v in live.items()}, config
+
+
+def _write(folder: Path, tensors: dict[str, torch.Tensor], config: AdapterConfig) -> None:
+    save_file(tensors, str(folder / TENSORS_FILE), metadata={"format": FORMAT, "adapter": config.name})
     (folder / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2, sort_keys=True))
 
 
@@ -295,11 +304,15 @@ def _plans_from_config(model: nn.Module, config: AdapterConfig, tensors: dict[st
     reg = registry()
     plans: list[LayerPlan] = []
     problems: list[str] = []
+    claimed: dict[int, str] = {}  # each module, and each base tensor, takes one adapter
     for layer_name, record in config.layers.items():
         try:
             layer = model.get_submodule(layer_name)
         except AttributeError:
             problems.append(f"layer {layer_name!r} ({record.type}) is not in the model")
+            continue
+        if claimed.setdefault(id(layer), layer_name) != layer_name:
+            problems.append(f"layer {layer_name!r} is the same module as layer {claimed[id(layer)]!r}")
             continue
         rule = reg.rule_for(layer)
         if attach.ADAPTERS in layer_name.split(".") or rule is None or rule.name != record.rule:
@@ -312,6 +325,10 @@ def _plans_from_config(model: nn.Module, config: AdapterConfig, tensors: dict[st
             problems.append(f"layer {layer_name!r}: {exc}")
             continue
         layer_problems = [p for t in resolved for p in _target_problems(layer_name, layer, t, record.targets[t.name], config, tensors)]
+        for t in resolved:
+            holder = claimed.setdefault(id(t.parameter_in(layer)), layer_name)
+            if holder != layer_name:
+                layer_problems.append(f"layer {layer_name!r} target {t.name}: its tensor is tied to one that layer {holder!r} adapts")
         problems += layer_problems
         if layer_problems:
             continue

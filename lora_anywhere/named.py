@@ -56,14 +56,17 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 
 @contextlib.contextmanager
-def disabled(model: nn.Module) -> Iterator[nn.Module]:
+def disabled(model: nn.Module, *, keep_trained: bool = False) -> Iterator[nn.Module]:
     """Within the block the model computes exactly what its base does: merged adapters
     are taken out, every adapter is switched off, and the `trainable` modules and base
     buffers hold what they held before the first adapter (copies: the trained tensors
     are set aside unchanged, so a graph built before the block still backpropagates).
-    All is restored afterwards."""
+    All is restored afterwards. ``keep_trained=True`` switches off only the low-rank
+    updates, leaving the trainable modules and buffers as trained: what the adapters
+    alone change."""
     state = model_state(model)
-    with base_swapped_in(unwrap(model), state) if state else contextlib.nullcontext(), _adapters_off(model):
+    base = base_swapped_in(unwrap(model), state) if state and not keep_trained else contextlib.nullcontext()
+    with base, _adapters_off(model):
         yield model
 
 

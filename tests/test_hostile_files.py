@@ -489,3 +489,29 @@ def test_a_pyg_file_naming_another_class_is_refused(tmp_path):
     torch.save(({"x": torch.zeros(2, 1)}, None, dict), tmp_path / "graphs.pt")
     with pytest.raises(DataSpecError, match="expected Data or HeteroData"):
         load_data({"kind": "pyg", "train": "graphs.pt"}, tmp_path)
+
+
+def _shared(tied: bool) -> nn.Module:
+    torch.manual_seed(0)
+    first = nn.Linear(4, 4)
+    if not tied:
+        return nn.Sequential(first, first)
+    second = nn.Linear(4, 4)
+    second.weight = first.weight
+    return nn.Sequential(first, second)
+
+
+@pytest.mark.parametrize(
+    ("tied", "match"), [(False, "layer '1' is the same module as layer '0'"), (True, "tied to one that layer '0' adapts")]
+)
+def test_one_tensor_is_adapted_once(tied: bool, match: str, tmp_path):
+    """apply gives a module, or a tensor that several modules hold, one adapter; a file
+    that adapts it twice would add ΔW twice."""
+    folder = la.save_adapter(la.apply(_shared(tied), rank=2), tmp_path / "a")
+    edit_config(folder, lambda d: d["layers"].update({"1": d["layers"]["0"]}))
+    edit_tensors(folder, lambda t: t.update({k.replace("lora/0/", "lora/1/"): v.clone() for k, v in list(t.items())}))
+    model = _shared(tied)
+    before = fingerprint(model)
+    with pytest.raises(la.ShapeMismatchError, match=match):
+        la.load_adapter(model, folder)
+    assert_unchanged(model, before)

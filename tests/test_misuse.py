@@ -230,6 +230,9 @@ def test_disabled_gives_the_base_outputs_after_training_trainable_modules_and_bu
     with la.disabled(model):
         assert torch.equal(model(X), expected)
     assert torch.equal(model(X), trained)
+    with la.disabled(model, keep_trained=True):  # only the low-rank updates off
+        only_adapters_off = model(X)
+    assert not torch.equal(only_adapters_off, expected) and not torch.equal(only_adapters_off, trained)
 
 
 def test_disabled_leaves_a_graph_built_before_it_able_to_backpropagate():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -21,6 +21,60 @@ from .rule import Rule
 #: How an adapter reaches a layer's output (its compute route): added on the layer's
 #: activations, or through the weight the layer reads (W + ΔW). Both give the same numbers.
 ROUTE_ACTIVATION, ROUTE_WEIGHT = "activation", "weight"
+
+
+def output_norms(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """‖v‖ per output feature — over every axis but `dim` — shaped to broadcast against v."""
+    return torch.linalg.vector_norm(v, dim=[d for d in range(v.dim()) if d != dim], keepdim=True)
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(_SAME_SIZE_INT[x.element_size()]) if x.is_floating_point() else x
+
+
+@dataclass
+class LostBits:
+    """What merging rounded away from a base block, kept so that unmerging restores it
+    to the bit: the elements that W + ΔW − ΔW does not give back (flat positions,
+    int32 where they fit, and their values) or, where that is smaller, a copy of the
+    whole block. Unmerging puts them back only where merging them again gives what
+    the block holds now, so a change to the merged weight in between (another adapter
+    merged on top) is kept."""
+
+    index: torch.Tensor | None  # None: `base` is the whole block
+    base: torch.Tensor
+
+    @classmethod
+    def between(cls, original: torch.Tensor, restored: torch.Tensor) -> LostBits | None:
+        """`original` is a copy the record may keep."""
+        lost = (_bits(original) != _bits(restored)).reshape(-1)
+        count = int(lost.sum())
+        if count == 0:
+            return None
+        index_dtype = torch.int32 if original.numel() < 2**31 else torch.int64
+        if count * (index_dtype.itemsize + original.element_size()) >= original.numel() * original.element_size():
+            return cls(None, original)
+        index = lost.nonzero().flatten().to(index_dtype)
+        return cls(index, original.reshape(-1)[index])
+
+    def restore(self, block: torch.Tensor, unmerged: torch.Tensor, merge: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """`unmerged` (the merged `block` with ΔW taken out) with the kept elements back
+        wherever `merge` of them still gives what `block` holds."""
+        if self.base.dtype != block.dtype or (self.index is None and self.base.shape != block.shape):
+            return unmerged  # the model changed dtype while merged: restore what can be
+        if self.index is None:
+            candidate = self.base.to(block.device)
+        else:
+            candidate = unmerged.clone()
+            candidate.view(-1)[self.index.to(device=block.device, dtype=torch.long)] = self.base.to(block.device)
+        return torch.where(_bits(merge(candidate)) == _bits(block), candidate, unmerged)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.index, self.base) if t is not None)
 
 
 class LowRank(nn.Module):
@@ -41,13 +95,31 @@ class LowRank(nn.Module):
         self.A = nn.Parameter(torch.empty(rank, cols, dtype=dtype, device=device))
         self.B = nn.Parameter(torch.zeros(rows, rank, dtype=dtype, device=device))
         self.scale = float(scale)
-        # The initialisation nn.Linear gives its weight (and PEFT gives A).
-        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         if svd:
             self.register_buffer("A0", torch.zeros(rank, cols, dtype=dtype, device=device))
             self.register_buffer("B0", torch.zeros(rows, rank, dtype=dtype, device=device))
         else:
             self.A0 = self.B0 = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A drawn as nn.Linear draws its weight (and PEFT draws A), B zero: ΔM = 0.
+        Named like every torch layer's, so the usual init loops reach it."""
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B.zero_()
+        if self.A0 is not None:
+            self.A0.zero_()
+            self.B0.zero_()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> LowRank:
+        # `to_empty()` gives a model built on the meta device uninitialised memory:
+        # an adapter must still start at ΔM = 0.
+        was_meta = self.B.device.type == "meta"
+        super()._apply(fn, recurse)
+        if was_meta and self.B.device.type != "meta":
+            self.reset_parameters()
+        return self
 
     @property
     def rank(self) -> int:
@@ -113,11 +185,17 @@ class ResolvedTarget:
     tensor: str
     rows: tuple[int, int] | None
     shape: tuple[int, ...]  # the whole tensor's shape
+    output_dim: int = 0  # the dimension of the tensor that indexes output features
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
         n = self.shape[0] if self.rows is None else self.rows[1] - self.rows[0]
         return n, math.prod(self.shape[1:])
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """The shape of the part of the tensor this target adapts."""
+        return (self.matrix_shape[0], *self.shape[1:])
 
     @property
     def full_rank(self) -> int:
@@ -171,11 +249,15 @@ class LayerAdapter(nn.Module):
         self.factors = nn.ModuleDict(
             {t.name: LowRank(*t.matrix_shape, ranks[t.name], scale, dtype=dtype, device=device, svd=svd) for t in self.targets.values()}
         )
-        # DoRA: W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ row by row; m starts as ‖W‖ (`init_magnitudes`).
+        # DoRA: W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ with one magnitude per output feature (the
+        # norm runs over every other axis); m starts as ‖W‖ (`init_magnitudes`).
         self.magnitudes = nn.ParameterDict(
-            {t.name: nn.Parameter(torch.ones(t.matrix_shape[0], dtype=dtype, device=device)) for t in self.targets.values()} if dora else {}
+            {t.name: nn.Parameter(torch.ones(t.block_shape[t.output_dim], dtype=dtype, device=device)) for t in self.targets.values()}
+            if dora
+            else {}
         )
         self._merged_norms: dict[str, torch.Tensor] = {}
+        self._lost: dict[str, LostBits] = {}
 
     @property
     def dora(self) -> bool:
@@ -184,7 +266,12 @@ class LayerAdapter(nn.Module):
     @torch.no_grad()
     def init_magnitudes(self, blocks: Mapping[str, torch.Tensor]) -> None:
         for name, block in blocks.items():
-            self.magnitudes[name].copy_(block.reshape(block.shape[0], -1).norm(dim=1))
+            self.magnitudes[name].copy_(output_norms(block, self.targets[name].output_dim).flatten())
+
+    def _magnitude(self, t: ResolvedTarget, like: torch.Tensor) -> torch.Tensor:
+        """m shaped to broadcast against the block `like`."""
+        shape = [-1 if d == t.output_dim else 1 for d in range(like.dim())]
+        return self.magnitudes[t.name].to(like.dtype).view(shape)
 
     @property
     def route(self) -> str:
@@ -234,10 +321,14 @@ class LayerAdapter(nn.Module):
         delta = self.factors[t.name].delta().view(block.shape).to(block.dtype)
         if not self.dora:
             return delta
-        v = block + delta
-        norm = v.reshape(v.shape[0], -1).norm(dim=1)
-        factor = (self.magnitudes[t.name].to(block.dtype) / norm).view(-1, *(1,) * (v.dim() - 1))
-        return v * factor - block
+        return self._dora_weight(t, block)[0] - block
+
+    def _dora_weight(self, t: ResolvedTarget, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DoRA's W' = m ⊙ V/‖V‖ with V = W + ΔW, and ‖V‖: the one computation that both
+        the unmerged layer and merging run, so merged and unmerged agree to the bit."""
+        v = block + self.factors[t.name].delta().view(block.shape).to(block.dtype)
+        norm = output_norms(v, t.output_dim)
+        return v * (self._magnitude(t, v) / norm), norm
 
     def add_to(self, owner: str, tensor: str, w: torch.Tensor) -> torch.Tensor:
         """w + ΔW for one tensor (`w` itself if this adapter does not touch it). The
@@ -253,6 +344,8 @@ class LayerAdapter(nn.Module):
             autocast = autocast_dtype(w.device.type) is not None
             with torch.autocast(w.device.type, enabled=False) if autocast else contextlib.nullcontext():
                 return torch.addmm(w.view(b.shape[0], -1), b, a, alpha=scale).view(w.shape)
+        if self.dora and len(blocks) == 1 and blocks[0].rows is None:
+            return self._dora_weight(blocks[0], w)[0]
         return w + self._blocks_delta(blocks, w)
 
     def _addmm_factors(self, t: ResolvedTarget, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] | None:
@@ -301,28 +394,62 @@ class LayerAdapter(nn.Module):
         return out
 
     @torch.no_grad()
-    def merge_block(self, t: ResolvedTarget, block: torch.Tensor, sign: int) -> None:
-        """Add (sign +1) or take out (-1) this adapter's update, in place and exactly.
-        DoRA's update depends on W, so merging remembers ‖W + ΔW‖ to invert it."""
+    def merge_block(self, t: ResolvedTarget, block: torch.Tensor, sign: int, *, exact: bool = True) -> None:
+        """Add (sign +1) or take out (-1) this adapter's update, in place.
+
+        W + ΔW is rounded, so W + ΔW − ΔW can miss W by an ulp where the sum changed
+        binade (in any dtype; in bf16 on many elements). With `exact`, merging keeps
+        those few elements of W (`LostBits`) and taking the update out puts them back:
+        the base returns to the bit. DoRA's update depends on W, so merging also
+        remembers ‖W + ΔW‖ to invert it."""
+        if sign > 0:
+            original = block.clone() if exact else None
+            self._lost.pop(t.name, None)
+            self._add(t, block)
+            if original is not None:
+                lost = LostBits.between(original, self._without(t, block))
+                if lost is not None:
+                    self._lost[t.name] = lost
+            return
+        unmerged = self._without(t, block)
+        lost = self._lost.pop(t.name, None)
+        if lost is not None:
+            unmerged = lost.restore(block, unmerged, lambda w: self._merged(t, w))
+        block.copy_(unmerged)
+        self._merged_norms.pop(t.name, None)
+
+    def _add(self, t: ResolvedTarget, block: torch.Tensor) -> None:
         fast = self._addmm_factors(t, block)
         if fast is not None:
             a, b, scale = fast
-            block.view(b.shape[0], -1).addmm_(b, a, alpha=sign * scale)
+            block.view(b.shape[0], -1).addmm_(b, a, alpha=scale)
             return
+        if not self.dora:
+            block.add_(self.factors[t.name].delta().view(block.shape).to(block.dtype))
+            return
+        weight, self._merged_norms[t.name] = self._dora_weight(t, block)
+        block.copy_(weight)
+
+    def _merged(self, t: ResolvedTarget, block: torch.Tensor) -> torch.Tensor:
+        """What `_add` makes of `block`, as a new tensor (the same ops, to the bit)."""
+        fast = self._addmm_factors(t, block)
+        if fast is not None:
+            a, b, scale = fast
+            return torch.addmm(block.view(b.shape[0], -1), b, a, alpha=scale).view(block.shape)
+        if not self.dora:
+            return block + self.factors[t.name].delta().view(block.shape).to(block.dtype)
+        return self._dora_weight(t, block)[0]
+
+    def _without(self, t: ResolvedTarget, block: torch.Tensor) -> torch.Tensor:
+        """The merged `block` with this adapter's update taken out (a new tensor)."""
+        fast = self._addmm_factors(t, block)
+        if fast is not None:
+            a, b, scale = fast
+            return torch.addmm(block.view(b.shape[0], -1), b, a, alpha=-scale).view(block.shape)
         delta = self.factors[t.name].delta().view(block.shape).to(block.dtype)
         if not self.dora:
-            block.add_(delta, alpha=sign)
-            return
-        shape = (-1, *(1,) * (block.dim() - 1))
-        m = self.magnitudes[t.name].to(block.dtype).view(shape)
-        if sign > 0:
-            v = block + delta
-            norm = v.reshape(v.shape[0], -1).norm(dim=1).view(shape)
-            block.copy_(m * v / norm)
-            self._merged_norms[t.name] = norm
-        else:
-            v = block * self._merged_norms.pop(t.name) / m
-            block.copy_(v - delta)
+            return block - delta
+        return block * self._merged_norms[t.name] / self._magnitude(t, block) - delta
 
     def extra_repr(self) -> str:
         state = "merged" if self.merged else ("active" if self.active else "disabled")

@@ -13,10 +13,10 @@ from torch import nn
 
 from . import attach
 from .adapter import LayerAdapter
-from .adapter_config import AdapterConfig, LayerRecord, TargetRecord
+from .adapter_config import NAME, AdapterConfig, LayerRecord, TargetRecord
 from .errors import AlreadyAdaptedError, LoraError, NotAdaptedError, TargetError
 from .plan import ROUTE_LEAN, ROUTE_WEIGHT, ROUTES, LayerPlan, adaptable_summary, check_rank, plan_layers, resolve_trainable
-from .state import ModelState, adapted_layers, is_under, model_state, set_model_state
+from .state import ModelState, adapted_layers, is_under, model_state, remember_base, restore_base, set_model_state, unwrap
 from .version import __version__
 
 DEFAULT = "default"
@@ -32,8 +32,23 @@ def _check_options(rank: Any, alpha: Any, dropout: Any, route: Any, name: Any) -
         raise LoraError(f"dropout must be a number in [0, 1), got {dropout!r}")
     if route not in ROUTES:
         raise LoraError(f"route must be one of {', '.join(map(repr, ROUTES))}, got {route!r}")
-    if not isinstance(name, str) or not name or "." in name or "/" in name:
-        raise LoraError(f"adapter name must be a non-empty string without '.' or '/', got {name!r}")
+    check_name(name)
+
+
+def check_name(name: Any) -> None:
+    if not isinstance(name, str) or NAME.fullmatch(name) is None:
+        raise LoraError(f"adapter name must be a string of 1 to 200 characters without '.', '/' or control characters, got {name!r}")
+
+
+def check_model(model: Any) -> None:
+    """Refuse what cannot carry adapters, before anything is changed."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise LoraError(
+            "a torch.jit.script (or traced) module cannot take adapters: its code is compiled and its layers are not Python modules. "
+            "Apply lora_anywhere to the Python model; to export, merge and remove the adapters first, then script it"
+        )
+    if not isinstance(model, nn.Module):
+        raise LoraError(f"expected a torch.nn.Module, got {type(model).__name__}")
 
 
 def _route_option(route: str | None, path: str | None) -> str:
@@ -80,12 +95,19 @@ def apply(
     output row besides the low-rank direction (DoRA; weight route). If anything fails,
     the model is left exactly as it was.
     """
+    wrapper, model = model, unwrap(model)
+    check_model(model)
     route = _route_option(route, path)
     rank_given = rank is not None
     rank = DEFAULT_RANK if rank is None else rank
     _check_options(rank, alpha, dropout, route, name)
     if init not in INITS:
         raise LoraError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
+    if (init == "svd" or dora) and any(p.device.type == "meta" for p in model.parameters()):
+        raise LoraError(
+            "init='svd' and dora=True start from the base weights, which a model on the meta device does not have yet; "
+            "call model.to_empty(device=...) and load the base weights first"
+        )
     state = model_state(model)
     if (state and name in state.adapters) or any(name in a for _, _, a in adapted_layers(model)):
         raise AlreadyAdaptedError(
@@ -118,7 +140,7 @@ def apply(
         library_version=__version__,
     )
     install(model, plans, config, dropout)
-    return model
+    return wrapper
 
 
 def _initialise(layer: nn.Module, adapter: LayerAdapter, config: AdapterConfig) -> None:
@@ -136,6 +158,7 @@ def install(model: nn.Module, plans: list[LayerPlan], config: AdapterConfig, dro
     loaded from a file anyway."""
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     touched: list[nn.Module] = []
+    remembered: list[str] = []
     state = model_state(model)
     fresh_state = state is None
     holders = attach.tensor_holders(model)
@@ -148,11 +171,12 @@ def install(model: nn.Module, plans: list[LayerPlan], config: AdapterConfig, dro
             )  # fmt: skip
             if initialise:
                 _initialise(plan.module, adapter, config)
+            adapter.train(plan.module.training)  # dropout follows the layer's mode
             container = plan.module._modules.get(attach.ADAPTERS)
             if container is None:
                 if hasattr(plan.module, attach.ADAPTERS):
                     raise LoraError(f"layer {plan.name} already has an attribute {attach.ADAPTERS!r}; lora_anywhere needs that name")
-                container = nn.ModuleDict()
+                container = nn.ModuleDict().train(plan.module.training)
                 plan.module.add_module(attach.ADAPTERS, container)
             touched.append(plan.module)
             container[config.name] = adapter
@@ -175,6 +199,7 @@ def install(model: nn.Module, plans: list[LayerPlan], config: AdapterConfig, dro
         if fresh_state:
             state = ModelState(requires_grad=grads)
             set_model_state(model, state)
+        remembered = remember_base(model, state, config.trainable)
         state.adapters[config.name] = config
     except BaseException:
         for module in touched:
@@ -187,6 +212,9 @@ def install(model: nn.Module, plans: list[LayerPlan], config: AdapterConfig, dro
                 param.requires_grad_(grads[pname])
         if fresh_state:
             set_model_state(model, None)
+        else:
+            for key in remembered:
+                state.base.pop(key, None)
         raise
 
 
@@ -220,18 +248,23 @@ def selected_adapters(model: nn.Module, name: str | None) -> list[tuple[str, nn.
 
 
 @torch.no_grad()
-def shift_base(layer: nn.Module, adapter: LayerAdapter, sign: int) -> None:
-    """Add (+1) or take out (-1) the adapter's ΔW in the layer's base tensors, in place."""
+def shift_base(layer: nn.Module, adapter: LayerAdapter, sign: int, *, exact: bool = True) -> None:
+    """Add (+1) or take out (-1) the adapter's ΔW in the layer's base tensors, in place;
+    taking out restores the base to the bit (see `LayerAdapter.merge_block`). A merge
+    that will never be taken out (`remove(merge=True)`) need not be `exact`."""
     for t in adapter.targets.values():
-        adapter.merge_block(t, t.block_in(layer), sign)
+        adapter.merge_block(t, t.block_in(layer), sign, exact=exact)
 
 
-def merge(model: nn.Module, name: str | None = None) -> nn.Module:
+def merge(model: nn.Module, name: str | None = None, *, exact: bool = True) -> nn.Module:
     """Add every live adapter's ΔW into its base tensor. The adapted layers then run
-    at exactly the base model's speed; `unmerge` takes the update out again."""
+    at exactly the base model's speed; `unmerge` takes the update out again and gives
+    back the base tensors to the bit: merging keeps the few elements of W that the
+    rounding of W + ΔW loses (see `bench/exact_unmerge.py` for what that costs while
+    merged). ``exact=False`` keeps nothing: unmerging may then miss W by an ulp."""
     for _, layer, adapter in selected_adapters(model, name):
         if adapter.live:
-            shift_base(layer, adapter, +1)
+            shift_base(layer, adapter, +1, exact=exact)
             adapter.merged = True
             attach.refresh(layer)
     return model
@@ -251,13 +284,19 @@ def remove(model: nn.Module, merge: bool = True, name: str | None = None) -> nn.
     """Take adapters off the model. With ``merge=True`` their updates stay in the base
     weights; with ``merge=False`` the base weights are restored. Once no adapter is
     left, every layer has its original type, the state_dict exactly its original keys,
-    and every parameter the requires_grad flag it had before `apply`."""
+    and every parameter the requires_grad flag it had before `apply`.
+
+    ``merge=False`` gives back the base model exactly: the `trainable` modules of the
+    removed adapters, and once no adapter is left every base buffer (BatchNorm
+    statistics a training loop moved), return to what they were before `apply` or
+    `load_adapter`. With ``merge=True`` they keep what training made of them."""
+    wrapper, model = model, unwrap(model)
     state = model_state(model)
     only_trainable = state is not None and (name is None or name in state.adapters)
     selected = selected_adapters(model, name) if not only_trainable or any(True for _ in adapted_layers(model)) else []
     for _, layer, adapter in selected:
         if merge and adapter.live:
-            shift_base(layer, adapter, +1)
+            shift_base(layer, adapter, +1, exact=False)
         elif not merge and adapter.merged:
             shift_base(layer, adapter, -1)
         container = layer._modules[attach.ADAPTERS]
@@ -266,14 +305,19 @@ def remove(model: nn.Module, merge: bool = True, name: str | None = None) -> nn.
                 del container[key]
         attach.refresh(layer)
     if state is not None:
-        for key in [k for k in state.adapters if name is None or k == name]:
+        removed = [k for k in state.adapters if name is None or k == name]
+        if not merge:
+            kept = {m for k, c in state.adapters.items() if k not in removed for m in c.trainable}
+            modules = [m for k in removed for m in state.adapters[k].trainable if m not in kept]
+            restore_base(model, state, modules, buffers=len(removed) == len(state.adapters))
+        for key in removed:
             del state.adapters[key]
         if not state.adapters and not any(True for _ in adapted_layers(model)):
             for pname, param in model.named_parameters():
                 if pname in state.requires_grad:
                     param.requires_grad_(state.requires_grad[pname])
             set_model_state(model, None)
-    return model
+    return wrapper
 
 
 def adapter_names(model: nn.Module) -> list[str]:

@@ -123,9 +123,16 @@ def _load_from_state_dict(self: nn.Module, *args: Any, **kwargs: Any) -> None:
 
 
 def _reduce(self: nn.Module, protocol: int) -> Any:
-    # Lets pickle and copy rebuild the dynamic class from its importable base.
+    # Lets pickle and copy rebuild the dynamic class from its importable base. A class
+    # may cache its tensors in its state (an RNN's `_flat_weights`): taken with the raw
+    # tensors, the state holds parameters only, never W + ΔW — a non-leaf tensor
+    # that deepcopy refuses — and the copy forms W + ΔW again on its first forward.
     cls = type(self)
-    return (_rebuild, (cls.__lora_base__, cls.__lora_tensors__, cls.__lora_forward__), self.__getstate__())
+    with _raw_tensors(self):
+        state = self.__getstate__()
+    if isinstance(state, dict):
+        state = {k: v for k, v in state.items() if k not in (_RAW, _CACHE)}
+    return (_rebuild, (cls.__lora_base__, cls.__lora_tensors__, cls.__lora_forward__), state)
 
 
 def _rebuild(base: type, tensors: tuple[str, ...], forward: bool) -> nn.Module:

@@ -29,8 +29,9 @@ class AdapterFileError(LoraError):
     """An adapter file or folder is missing, corrupt or of another format."""
 
 
-class ShapeMismatchError(LoraError):
-    """A saved adapter does not fit the model it is loaded onto."""
+class ShapeMismatchError(AdapterFileError):
+    """A saved adapter does not fit the model it is loaded onto (another architecture
+    or sizes); an `AdapterFileError` like every refusal of an adapter folder."""
 
 
 class PluginError(LoraError):

@@ -20,7 +20,7 @@ from .adapter import LayerAdapter
 from .adapter_config import TargetRecord
 from .api import remove, shift_base
 from .errors import LoraError, NotAdaptedError
-from .state import adapted_layers, model_state
+from .state import adapted_layers, base_swapped_in, model_state, unwrap
 
 
 def _names(model: nn.Module) -> list[str]:
@@ -38,12 +38,13 @@ def set_adapter(model: nn.Module, name: str) -> nn.Module:
     but are neither applied nor trained. Merged adapters are part of the weights: take
     them out with `unmerge` first to switch away from them."""
     _require(model, name)
+    merged = sorted({a for _, _, adapters in adapted_layers(model) for a, adapter in adapters.items() if adapter.merged and a != name})
+    if merged:  # checked on every layer before any is switched
+        raise LoraError(
+            f"adapter {merged[0]!r} is merged into the weights; call unmerge(model, {merged[0]!r}) before switching to {name!r}"
+        )
     for _, layer, adapters in adapted_layers(model):
         for aname, adapter in adapters.items():
-            if adapter.merged and aname != name:
-                raise LoraError(
-                    f"adapter {aname!r} is merged into the weights; call unmerge(model, {aname!r}) before switching to {name!r}"
-                )
             adapter.active = aname == name
             adapter.set_trainable(adapter.active, freeze_a=model_state(model).adapters[aname].freeze_a)
         attach.refresh(layer)
@@ -55,9 +56,22 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 
 @contextlib.contextmanager
-def disabled(model: nn.Module) -> Iterator[nn.Module]:
+def disabled(model: nn.Module, *, keep_trained: bool = False) -> Iterator[nn.Module]:
     """Within the block the model computes exactly what its base does: merged adapters
-    are taken out and every adapter is switched off; all is restored afterwards."""
+    are taken out, every adapter is switched off, and the `trainable` modules and base
+    buffers hold what they held before the first adapter (copies: the trained tensors
+    are set aside unchanged, so a graph built before the block still backpropagates).
+    All is restored afterwards. ``keep_trained=True`` switches off only the low-rank
+    updates, leaving the trainable modules and buffers as trained: what the adapters
+    alone change."""
+    state = model_state(model)
+    base = base_swapped_in(unwrap(model), state) if state and not keep_trained else contextlib.nullcontext()
+    with base, _adapters_off(model):
+        yield model
+
+
+@contextlib.contextmanager
+def _adapters_off(model: nn.Module) -> Iterator[None]:
     saved: list[tuple[nn.Module, LayerAdapter, bool, bool]] = []
     for _, layer, adapters in adapted_layers(model):
         for adapter in adapters.values():
@@ -68,7 +82,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             adapter.active = False
         attach.refresh(layer)
     try:
-        yield model
+        yield
     finally:
         for layer, adapter, active, merged in saved:
             adapter.active = active
@@ -102,7 +116,8 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str = "combine
     state = model_state(model)
     first = state.adapters[next(iter(weights))]
     config = copy.deepcopy(first)
-    config.name, config.layers, config.rank, config.alpha, config.freeze_a, config.rslora = name, {}, 0, 1.0, False, False
+    # Its factors hold the SVD starts already (`LowRank.pair`) and its scale is 1.
+    config.name, config.layers, config.alpha, config.freeze_a, config.rslora, config.init = name, {}, 1.0, False, False, "lora"
     config.trainable = []
     for layer_name, layer, adapters in adapted_layers(model):
         parts = [(adapters[n], w) for n, w in weights.items() if n in adapters]
@@ -134,6 +149,7 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str = "combine
             for t in targets.values()
         }
         config.layers[layer_name] = record
+    config.rank = max(t.rank for record in config.layers.values() for t in record.targets.values())
     state.adapters[name] = config
     return set_adapter(model, name)
 

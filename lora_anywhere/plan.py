@@ -80,7 +80,7 @@ def resolve_targets(layer_name: str, layer: nn.Module, rule: Rule, wanted: froze
             raise LoraError(
                 f"rule {rule.name} names {t.tensor!r} of {layer_name or '<root>'}, a {tensor.dim()}-D tensor; only matrices (2-D or more) can take a low-rank update"
             )
-        resolved.append(ResolvedTarget(t.name, owner_name, tensor_name, t.rows, tuple(tensor.shape)))
+        resolved.append(ResolvedTarget(t.name, owner_name, tensor_name, t.rows, tuple(tensor.shape), rule.output_dim(layer, t)))
     return resolved
 
 

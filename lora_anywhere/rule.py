@@ -49,6 +49,13 @@ class Rule:
         """Whether `y = layer(x) + s·B(A(x))` is cheaper than running with W + ΔW."""
         return True
 
+    def output_dim(self, layer: nn.Module, target: Target) -> int:
+        """The dimension of the target's tensor that indexes the layer's output
+        features: 0 for a Linear or conv weight (out × in…), 1 where the tensor is
+        stored the other way round (an Embedding's num × dim table, a weight kept
+        in × out). DoRA learns one magnitude per output feature along it."""
+        return 0
+
     def activation_saves_memory(self, layer: nn.Module) -> bool:
         """Whether the activation route keeps less for the backward than the weight
         route when A is frozen (LoRA-FA): then it saves no copy of the input."""

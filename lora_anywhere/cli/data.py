@@ -235,6 +235,34 @@ def load_images(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
 # ---------------------------------------------------------------------- graphs
 
 
+def _read_graphs(path: Path) -> tuple[Any, Any]:
+    """What ``InMemoryDataset.save`` wrote — (the collated graph as a dict, its
+    slices, its class) — read without ever unpickling: PyG's own ``load`` retries
+    with ``weights_only=False`` when the safe load meets an unknown global, which
+    lets a crafted file run code. Here the only classes a file may name are PyG's
+    graph classes; anything else is refused."""
+    from torch_geometric.data import Data, HeteroData
+
+    how = "write it with InMemoryDataset.save(list_of_graphs, path)"
+    try:
+        with torch.serialization.safe_globals([Data, HeteroData]):
+            out = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the safe unpickler's refusal, or not a torch file at all
+        raise DataSpecError(f"[data] {path} is not a PyG data set file ({type(exc).__name__}: {str(exc)[:300]}); {how}") from None
+    if not isinstance(out, tuple) or len(out) not in (2, 3):
+        raise DataSpecError(f"[data] {path} holds a {type(out).__name__}, not the (graph, slices, class) that PyG saves; {how}")
+    data, slices, graph_class = (*out, Data) if len(out) == 2 else out
+    if graph_class not in (Data, HeteroData) or not isinstance(slices, (dict, type(None))):
+        raise DataSpecError(f"[data] {path} names {graph_class!r} as its graph class, expected Data or HeteroData; {how}")
+    try:
+        graph = graph_class.from_dict(data) if isinstance(data, dict) else data
+    except Exception as exc:
+        raise DataSpecError(f"[data] {path} holds a graph PyG cannot rebuild ({type(exc).__name__}: {exc}); {how}") from None
+    if not isinstance(graph, (Data, HeteroData)):
+        raise DataSpecError(f"[data] {path} holds a {type(graph).__name__}, not a PyG graph; {how}")
+    return graph, slices
+
+
 def load_graphs(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
     """A PyG data set saved with ``InMemoryDataset.save(list_of_graphs, path)``. One
     graph: node classification on its own masks (see `_node_split`). Several: graph
@@ -248,12 +276,7 @@ def load_graphs(options: dict[str, Any], base: Path, seed: int) -> LoadedData:
     class SavedGraphs(InMemoryDataset):
         def __init__(self, path: Path) -> None:
             super().__init__(None)
-            try:
-                self.load(str(path))
-            except Exception as exc:  # a torch/pickle error: not a file InMemoryDataset.save wrote
-                raise DataSpecError(
-                    f"[data] {path} is not a PyG data set file ({type(exc).__name__}: {exc}); write it with InMemoryDataset.save(list_of_graphs, path)"
-                ) from exc
+            self.data, self.slices = _read_graphs(path)
 
     train_path = _path(options, "train", base, required=True, folder=False)
     val_path = _path(options, "val", base, required=False, folder=False)

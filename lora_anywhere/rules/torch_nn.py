@@ -121,13 +121,18 @@ class ConvRule(Rule):
 
 class ConvTransposeRule(Rule):
     """ConvTransposeNd incl. output_padding, dilation and groups. The weight is
-    in × out/groups × k…, so the matrix rows are the input channels. Weight route."""
+    in × out/groups × k…, so the matrix rows are the input channels, and the output
+    channels are its second dimension (with groups, output channel j of every group
+    shares DoRA's magnitude j). Weight route."""
 
     def __init__(self, base: type) -> None:
         self.name = f"torch.nn.{base.__name__}"
 
     def targets(self, layer: nn.Module) -> Sequence[Target]:
         return WEIGHT_TARGET
+
+    def output_dim(self, layer: nn.Module, target: Target) -> int:
+        return 1
 
 
 class EmbeddingRule(Rule):
@@ -145,6 +150,9 @@ class EmbeddingRule(Rule):
 
     def supports_activation(self, layer: nn.Module) -> bool:
         return layer.max_norm is None and super().supports_activation(layer)
+
+    def output_dim(self, layer: nn.Module, target: Target) -> int:
+        return 1  # num_embeddings × dim: the output features are the columns
 
     def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
         # Each looked-up row costs r·dim on activations; ΔW costs r·dim per table row.

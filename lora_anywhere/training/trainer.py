@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, recover
 from ..errors import AdapterFileError, LoraError, NonFiniteLossError, NotAdaptedError, TaskError
-from ..io import adapter_state_dict, read_adapter, save_adapter
+from ..io import adapter_state_dict, read_adapter, save_adapter, write_adapter
 from ..state import model_state
 from . import metrics as metric_sets
 from .data import LoaderSpec, check_dataset, length, to_device
@@ -533,12 +533,12 @@ class Trainer:
         # Adapter and trainer state go into one folder that replaces last/ whole, so a
         # crash never pairs an adapter with another step's optimizer state.
         with atomic_dir(self.out_dir / "last") as tmp:
-            save_adapter(self.model, tmp, name=self.adapter)  # replaces the empty tmp folder atomically
+            write_adapter(self.model, tmp, name=self.adapter)
             torch.save(state, tmp / STATE_FILE)
 
     def _load_checkpoint(self) -> dict[str, Any] | None:
         assert self.out_dir is not None
-        folder = self.out_dir / "last"
+        folder = recover(self.out_dir / "last")  # a write that died between two renames
         if not (folder / STATE_FILE).is_file():
             _warn(f"no checkpoint in {folder}; starting from the beginning")
             return None

@@ -52,6 +52,9 @@ class Conv1DRule(Rule):
     def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
         return many_rows(x.numel() // max(x.shape[-1], 1), *weight.shape)
 
+    def output_dim(self, layer: nn.Module, target: Target) -> int:
+        return 1  # stored in × out
+
     def forward(self, layer, weight, terms, x):  # type: ignore[override]
         size_out = x.size()[:-1] + (layer.nf,)
         x2d = x.view(-1, x.size(-1))

@@ -198,7 +198,7 @@ def check_exact(
     touched would prove nothing."""
     model = model.cpu().eval()
     unmerged = domain.outputs(model, data)
-    with disabled(model):
+    with disabled(model, keep_trained=True):
         without = domain.outputs(model, data)
     api.merge(model)
     merged = domain.outputs(model, data)

@@ -66,7 +66,7 @@ def adapt(domain: Domain, method: str, model: nn.Module) -> nn.Module:
         )
     if REFERENCES[method] == HEAD:
         return head_only(model, domain.head)
-    return full_training(model)
+    return model  # full fine-tuning: the plain model, every parameter trains
 
 
 def learning_rate(domain: Domain, method: str) -> float:

@@ -238,7 +238,8 @@ class Trainer:
         """``lr="find"``: the range test's suggestion, the same on every rank."""
         from .lr_finder import sweep
 
-        found = sweep(self, out_dir=self.out_dir).suggestion
+        self.range_test = sweep(self, out_dir=self.out_dir)
+        found = self.range_test.suggestion
         if self.world_size > 1:
             agreed = [found]
             dist.broadcast_object_list(agreed, src=0)

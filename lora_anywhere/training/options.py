@@ -59,7 +59,8 @@ def number(minimum: float | None = None, *, above: bool = False, below: float | 
             return False
         return below is None or v < below
 
-    return Kind(test, "a number" + low + high if not (low and high) else f"a number in [{minimum:g}, {below:g})")
+    words = f"a number in [{minimum:g}, {below:g})" if minimum is not None and below is not None and not above else "a number" + low + high
+    return Kind(test, words)
 
 
 def choice(*values: Any) -> Kind:
@@ -90,11 +91,9 @@ def table(keys: Kind, values: Kind) -> Kind:
     )
 
 
-def listing(items: Kind, *, empty: bool = False) -> Kind:
-    return Kind(
-        lambda v: isinstance(v, (list, tuple)) and (empty or len(v) > 0) and all(items(i) for i in v),
-        f"a {'' if empty else 'non-empty '}list of {items.words.removeprefix('an ').removeprefix('a ')}s",
-    )
+def listing(items: Kind, words: str) -> Kind:
+    """A non-empty list whose items have the kind `items`."""
+    return Kind(lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(items(i) for i in v), words)
 
 
 NONE = Kind(lambda v: v is None, "None")
@@ -123,6 +122,18 @@ def check(values: Mapping[str, Any], kinds: Mapping[str, Kind], *, where: str = 
 
 # ---------------------------------------------------------------------- the Trainer's options
 
+
+def _device(value: Any) -> bool:
+    import torch
+
+    if isinstance(value, torch.device) or value == "auto":
+        return True
+    try:
+        return isinstance(value, str) and torch.device(value) is not None
+    except (RuntimeError, TypeError):
+        return False
+
+
 POSITIVE = number(0, above=True)
 NON_NEGATIVE = number(0)
 #: Every keyword option of `Trainer` (tests/test_trainer_options.py checks that none is
@@ -143,7 +154,7 @@ TRAINER: dict[str, Kind] = {
     "warmup": NON_NEGATIVE,
     "schedule": choice("cosine", "linear", "constant"),
     "precision": choice("auto", "bf16", "fp32"),
-    "device": TEXT | Kind(lambda v: type(v).__name__ == "device", "a torch.device"),
+    "device": Kind(_device, "'auto', 'cpu', 'cuda', 'cuda:N' or another torch device"),
     "seed": integer(0),
     "out_dir": NONE | FOLDER,
     "log_format": choice("csv", "jsonl"),

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..atomic import atomic_dir, atomic_file
-from ..errors import AdapterFileError, LoraError, NonFiniteLossError, NotAdaptedError, ResumeError
+from ..errors import AdapterFileError, ConfigError, LoraError, NonFiniteLossError, NotAdaptedError, ResumeError
 from ..log import logger
 from ..state import model_state
 from . import optim, options
@@ -626,6 +626,8 @@ def _setup(device: str | torch.device) -> tuple[int, int, torch.device]:
     if device == "auto":
         device = f"cuda:{local}" if torch.cuda.is_available() and world > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} was asked for, but torch sees no CUDA device; use 'cpu' or 'auto'")
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())

@@ -5,11 +5,12 @@
 
 For each domain of `lora-anywhere demo` (vision, graph, speech, text) the base model
 is pretrained on task A exactly as the demo does, then adapted to task B with the
-demo's LoRA budget (rank, targets, trainable modules, epochs, lr, batch size) and
+demo's LoRA budget (rank, targets, trainable modules, epochs, batch size) and
 each method: plain LoRA, LoRA-FA (``freeze_a=True``), PiSSA (``init="svd"``), DoRA
 (``dora=True``) and rsLoRA (``rslora=True``); head-only tuning and full fine-tuning
-are the references, at the demo's lr for each. Seed s draws the new head and the
-adapters under ``torch.manual_seed(1 + s)`` and gives the trainer seed s, so seed 0
+(the plain model) are the references. Every method trains at the Trainer's default
+learning rates, as the demo does (bench/quality.py also tries a grid of rates).
+Seed s draws the new head and the adapters under ``torch.manual_seed(1 + s)`` and gives the trainer seed s, so seed 0
 is the demo's own run. Reported per method: test accuracy and final validation loss
 (mean and spread over the seeds), trainable parameters, and the training memory of
 one step on a demo batch, counted as bench/memory.py counts it (the bytes autograd
@@ -42,7 +43,7 @@ from train_step import RESULTS  # noqa: E402
 import lora_anywhere as la  # noqa: E402
 from lora_anywhere.atomic import atomic_file  # noqa: E402
 from lora_anywhere.cli.demo import DOMAINS  # noqa: E402
-from lora_anywhere.cli.demo.common import FULL, HEAD, LORA, Data, Domain, count_trainable, fit, full_training, head_only  # noqa: E402
+from lora_anywhere.cli.demo.common import FULL, HEAD, Data, Domain, count_trainable, fit, head_only  # noqa: E402
 from lora_anywhere.training.tasks import LoaderSpec, get_task  # noqa: E402
 from lora_anywhere.training.trainer import Trainer  # noqa: E402
 
@@ -69,10 +70,6 @@ def adapt(domain: Domain, method: str, model: nn.Module) -> nn.Module:
     return model  # full fine-tuning: the plain model, every parameter trains
 
 
-def learning_rate(domain: Domain, method: str) -> float:
-    return domain.lr[LORA] if method in VARIANTS else domain.lr[REFERENCES[method]]
-
-
 def step_memory(domain: Domain, model: nn.Module, data: Data) -> dict[str, float]:
     """Training memory beyond the frozen weights for one step on the first batch of
     task B's training data (the demo's batch size), counted as bench/memory.py does."""
@@ -85,12 +82,12 @@ def step_memory(domain: Domain, model: nn.Module, data: Data) -> dict[str, float
     return {"saved_activation_kb": saved / 1024, "trainable_state_kb": state / 1024, "total_kb": (saved + state) / 1024}
 
 
-def train_b(domain: Domain, model: nn.Module, data: Data, *, method: str, epochs: int, seed: int) -> dict[str, float]:
+def train_b(domain: Domain, model: nn.Module, data: Data, *, epochs: int, seed: int) -> dict[str, float]:
     """Task B with the demo's budget (as `demo.common.fit`, with this seed and no
     checkpoints); the test accuracy and the last epoch's validation loss."""
     trainer = Trainer(
-        model, data.train, data.val, task=domain.task, epochs=epochs, lr=learning_rate(domain, method), batch_size=domain.batch_size,
-        warmup=0.1, progress=False, device="cpu", seed=seed,
+        model, data.train, data.val, task=domain.task, epochs=epochs, batch_size=domain.batch_size, progress=False, device="cpu",
+        seed=seed,
     )  # fmt: skip
     start = time.perf_counter()
     history = trainer.fit()
@@ -107,9 +104,9 @@ def run_domain(name: str, *, quick: bool, seeds: int, say: Callable[[str], None]
 
     # Pretraining on task A: the demo's own code and seed.
     torch.manual_seed(0)
-    base = full_training(domain.build(data_a.classes))
+    base = domain.build(data_a.classes)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, seconds = fit(domain, base, data_a, epochs=epochs_a, lr=domain.lr_a, out_dir=Path(tmp), device="cpu")
+        trainer, seconds = fit(domain, base, data_a, epochs=epochs_a, out_dir=Path(tmp), device="cpu", lr=domain.lr_a, warmup=0.1)
     acc_a = trainer.evaluate(data_a.test, task=domain.test_task)["accuracy"]
     pretrained = {k: v.detach().clone() for k, v in base.state_dict().items()}
     say(f"{name}: pretrained on task A ({domain.task_a}): test accuracy {acc_a:.3f} ({seconds:.1f} s)")
@@ -134,7 +131,7 @@ def run_domain(name: str, *, quick: bool, seeds: int, say: Callable[[str], None]
                 if seed == 0:
                     trainable, total = count_trainable(model)
                     memory = step_memory(domain, copy.deepcopy(model), data_b)
-                runs.append(train_b(domain, model, data_b, method=method, epochs=epochs_b, seed=seed))
+                runs.append(train_b(domain, model, data_b, epochs=epochs_b, seed=seed))
         except Exception as exc:  # a method that fails on a demo model is a bug: keep the traceback
             rows[method] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
             say(f"{name}: {method}: FAILED: {type(exc).__name__}: {exc}")

@@ -337,6 +337,7 @@ def main() -> None:
     parser.add_argument(
         "--explore", action="store_true", help="LoRA also with the adapter and trainable modules at different rates, and LoRA+"
     )
+    parser.add_argument("--grid", default=None, help=f"the grid of rates, comma-separated (default {','.join(f'{r:g}' for r in GRID)})")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -350,11 +351,12 @@ def main() -> None:
     results = json.loads(path.read_text())["results"] if path.is_file() else {}
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "python": sys.version.split()[0]}
     only = set(args.settings.split(",")) if args.settings else None
+    grid = tuple(float(r) for r in args.grid.split(",")) if args.grid else (QUICK_GRID if args.quick else GRID)
     for name in names:
         seeds = 1 if args.quick else (args.seeds or SEEDS.get(name, DEFAULT_SEEDS))
         start = time.perf_counter()
         results[name] = run_task(
-            name, quick=args.quick, seeds=seeds, grid=QUICK_GRID if args.quick else GRID, explore=args.explore, only=only,
+            name, quick=args.quick, seeds=seeds, grid=grid, explore=args.explore, only=only,
             previous=results.get(name) if only else None, say=lambda line: print(line, flush=True),
         )  # fmt: skip
         ordered = {n: results[n] for n in TASKS if n in results}

@@ -194,9 +194,11 @@ def run_task(
                 model = adapt(domain, method, fresh(domain, base[0], data_a.classes, data_b.classes, seed))
                 trainer, row = train_b(domain, model, data_b, lr=lr, epochs=epochs_b, seed=seed, loraplus_ratio=ratio)
                 runs[method][setting].append(row)
-                if method not in sizes:
-                    trainable, total = count_trainable(model)
-                    sizes[method] = {"trainable": trainable, "base": total, "saved_bytes": saved_bytes(trainer)}
+            if method not in sizes:  # what it trains and saves: the same whatever the rate
+                model = adapt(domain, method, fresh(domain, base[0], data_a.classes, data_b.classes, seed))
+                trainable, total = count_trainable(model)
+                trainer = Trainer(model, data_b.train, task=domain.task, progress=False, device="cpu")
+                sizes[method] = {"trainable": trainable, "base": total, "saved_bytes": saved_bytes(trainer)}
             if plan[method]:
                 shown = ", ".join(f"{s} {runs[method][s][-1]['test']:.3f}" for s in plan[method])
                 say(f"{name} seed {seed}: {method:<19} test accuracy at {shown}")

@@ -60,7 +60,10 @@ from lora_anywhere.training.trainer import Trainer  # noqa: E402
 METHODS = ("LoRA", "LoRA-FA (freeze_a)", "PiSSA (init=svd)", "DoRA (dora)", "head only", "full FT")
 #: 1e-3 (the old default) is left out: on the digits and the karate club it was the worst rate
 #: of every method (an exploratory run of this script).
-GRID = (3e-3, 1e-2, 3e-2, 1e-1)
+#: The grid of rates per method: three around where each kind of training did best in
+#: the exploratory run (adapters and heads higher, whole models lower).
+ADAPTED_GRID = (1e-2, 3e-2, 1e-1)
+GRID = {"full FT": (3e-3, 1e-2, 3e-2)}
 QUICK_GRID = (3e-3, 3e-2)
 #: LoRA's extra runs: adapter and trainable modules at different rates; LoRA+.
 ADAPTER_RATES, TRAINABLE_RATES = (1e-2, 3e-2), (3e-3, 1e-2, 3e-2, 1e-1)
@@ -151,11 +154,15 @@ def saved_bytes(trainer: Trainer) -> int:
         return sum(f.stat().st_size for f in folder.iterdir() if f.name in (TENSORS_FILE, MODEL_FILE))
 
 
-def settings(method: str, grid: tuple[float, ...], explore: bool) -> dict[str, tuple[Any, float]]:
+def grid_of(method: str, override: tuple[float, ...] | None = None) -> tuple[float, ...]:
+    return override if override is not None else GRID.get(method, ADAPTED_GRID)
+
+
+def settings(method: str, grid: tuple[float, ...] | None, explore: bool) -> dict[str, tuple[Any, float]]:
     """The runs of one method, by name: (lr, loraplus_ratio). LoRA also runs with
     ``lr="find"``; with `explore`, also with the adapter and the trainable modules at
     different rates, and with LoRA+ (B at 4× or 16× A's rate)."""
-    out: dict[str, tuple[Any, float]] = {"default": (None, 1.0), **{f"{lr:g}": (lr, 1.0) for lr in grid}}
+    out: dict[str, tuple[Any, float]] = {"default": (None, 1.0), **{f"{lr:g}": (lr, 1.0) for lr in grid_of(method, grid)}}
     if method == "LoRA":
         out["find"] = ("find", 1.0)
         if explore:
@@ -166,49 +173,60 @@ def settings(method: str, grid: tuple[float, ...], explore: bool) -> dict[str, t
 
 
 def run_task(
-    name: str, *, quick: bool, seeds: int, grid: tuple[float, ...], explore: bool, only: set[str] | None, previous: dict[str, Any] | None,
-    say: Callable[[str], None],
+    name: str, *, quick: bool, seeds: int, grid: tuple[float, ...] | None, explore: bool, only: set[str] | None,
+    previous: dict[str, Any] | None, resume: bool, say: Callable[[str], None], save: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:  # fmt: skip
-    """Every (method, setting, seed) run of one task; with `only`, just those settings,
-    the others kept from `previous` (the same task's earlier results)."""
+    """Every (method, setting, seed) run of one task, saved after each seed; with
+    `only`, just those settings (the others kept from `previous`, the same task's
+    earlier results); with `resume`, only the runs `previous` lacks."""
     domain, data_for, resplit = task_setup(name, quick)
     epochs_a = max(2, domain.epochs_a // 4) if quick and not resplit else domain.epochs_a
     epochs_b = max(2, domain.epochs_b // 4) if quick and not resplit else domain.epochs_b
-    every = {m: settings(m, grid, explore) for m in METHODS}
+    plain = {m: settings(m, grid, False) for m in METHODS}
     plan = {
-        m: {s: v for s, v in every[m].items() if only is None or s in only or (explore and s not in settings(m, grid, False))}
+        m: {s: v for s, v in settings(m, grid, explore).items() if only is None or s in only or (explore and s not in plain[m])}
         for m in METHODS
     }
-    kept = previous["methods"] if previous else {}
-    runs = {m: {**kept.get(m, {}).get("runs", {}), **{s: [] for s in plan[m]}} for m in METHODS}
-    sizes: dict[str, dict[str, int]] = {m: kept[m]["sizes"] for m in kept}
+    kept = (previous or {}).get("methods", {}) if (only or resume) else {}
+    runs = {m: dict(kept.get(m, {}).get("runs", {})) for m in METHODS}
+    for m in METHODS:
+        for s in plan[m]:
+            runs[m][s] = [r for r in runs[m].get(s, []) if resume and r["seed"] < seeds]
+    sizes: dict[str, dict[str, int]] = {m: kept[m]["sizes"] for m in kept if kept[m].get("sizes")}
+    result = {
+        "task": name, "task_a": domain.task_a, "task_b": domain.task_b, "model": domain.model, "rank": domain.rank,
+        "epochs_b": epochs_b, "batch_size": domain.batch_size, "seeds": seeds, "resplit": resplit,
+        "task_a_accuracy": (previous or {}).get("task_a_accuracy"),
+        "default_lr": optim.DEFAULT_LR if plan["LoRA"].get("default") else (previous or {}).get("default_lr"),
+        "methods": {m: {"sizes": sizes.get(m), "runs": runs[m]} for m in METHODS},
+    }  # fmt: skip
     task_a: list[float] = []
     base: tuple[dict[str, torch.Tensor], float] | None = None
     for seed in range(seeds):
+        todo = {m: {s: v for s, v in plan[m].items() if seed not in {r["seed"] for r in runs[m][s]}} for m in METHODS}
+        if not any(todo.values()) and all(m in sizes for m in METHODS):
+            continue
         data_a, data_b = data_for(seed)
         if base is None or resplit:
             base = pretrain(domain, data_a, epochs_a)
             task_a.append(base[1])
         for method in METHODS:
-            for setting, (lr, ratio) in plan[method].items():
+            for setting, (lr, ratio) in todo[method].items():
                 model = adapt(domain, method, fresh(domain, base[0], data_a.classes, data_b.classes, seed))
-                trainer, row = train_b(domain, model, data_b, lr=lr, epochs=epochs_b, seed=seed, loraplus_ratio=ratio)
+                _, row = train_b(domain, model, data_b, lr=lr, epochs=epochs_b, seed=seed, loraplus_ratio=ratio)
                 runs[method][setting].append(row)
             if method not in sizes:  # what it trains and saves: the same whatever the rate
                 model = adapt(domain, method, fresh(domain, base[0], data_a.classes, data_b.classes, seed))
                 trainable, total = count_trainable(model)
                 trainer = Trainer(model, data_b.train, task=domain.task, progress=False, device="cpu")
                 sizes[method] = {"trainable": trainable, "base": total, "saved_bytes": saved_bytes(trainer)}
-            if plan[method]:
-                shown = ", ".join(f"{s} {runs[method][s][-1]['test']:.3f}" for s in plan[method])
+                result["methods"][method]["sizes"] = sizes[method]
+            if todo[method]:
+                shown = ", ".join(f"{s} {runs[method][s][-1]['test']:.3f}" for s in todo[method])
                 say(f"{name} seed {seed}: {method:<19} test accuracy at {shown}")
-    return {
-        "task": name, "task_a": domain.task_a, "task_b": domain.task_b, "model": domain.model, "rank": domain.rank,
-        "epochs_b": epochs_b, "batch_size": domain.batch_size, "seeds": seeds, "resplit": resplit,
-        "task_a_accuracy": statistics.fmean(task_a),
-        "default_lr": optim.DEFAULT_LR if plan["LoRA"].get("default") else (previous or {}).get("default_lr"),
-        "methods": {m: {"sizes": sizes[m], "runs": runs[m]} for m in METHODS},
-    }  # fmt: skip
+        result["task_a_accuracy"] = statistics.fmean(task_a)
+        save(result)
+    return result
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -220,20 +238,20 @@ def stats(values: list[float]) -> dict[str, float]:
     }
 
 
-def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Test and validation accuracy per setting; the grid rate with the best mean
+def summarise(runs: dict[str, list[dict[str, Any]]], grid: tuple[float, ...]) -> dict[str, Any]:
+    """Test and validation accuracy per setting; the rate of `grid` with the best mean
     validation accuracy."""
     out = {
         setting: {"test": stats([r["test"] for r in rows]), "val": stats([r["val"] for r in rows])}
         for setting, rows in runs.items()
         if rows
     }
-    grid = [s for s in out if _is_rate(s)]
-    return {"settings": out, "best": max(grid, key=lambda s: out[s]["val"]["mean"]) if grid else None}
+    rates = [f"{r:g}" for r in grid if f"{r:g}" in out]
+    return {"settings": out, "best": max(rates, key=lambda s: out[s]["val"]["mean"]) if rates else None}
 
 
-def summaries(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {m: {**v, **summarise(v["runs"])} for m, v in res["methods"].items()}
+def summaries(res: dict[str, Any], grid: tuple[float, ...] | None = None) -> dict[str, dict[str, Any]]:
+    return {m: {**v, **summarise(v["runs"], grid_of(m, grid))} for m, v in res["methods"].items()}
 
 
 # ---------------------------------------------------------------------- report
@@ -272,6 +290,8 @@ def markdown(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
     for name, res in results.items():
         label = f"{name} ({res['task_a']} → {res['task_b']}, {res['seeds']} seeds)"
         for method, m in summaries(res).items():
+            if not m["sizes"] or not m["settings"]:
+                continue
             default = m["settings"].get("default")
             best = m["settings"][m["best"]]["test"] if m["best"] else None
             share = m["sizes"]["trainable"] / m["sizes"]["base"]
@@ -339,7 +359,8 @@ def main() -> None:
     parser.add_argument(
         "--explore", action="store_true", help="LoRA also with the adapter and trainable modules at different rates, and LoRA+"
     )
-    parser.add_argument("--grid", default=None, help=f"the grid of rates, comma-separated (default {','.join(f'{r:g}' for r in GRID)})")
+    parser.add_argument("--grid", default=None, help="one grid of rates for every method, comma-separated (default: each method's GRID)")
+    parser.add_argument("--resume", action="store_true", help="keep the runs the results file has; do only the missing ones")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -353,19 +374,24 @@ def main() -> None:
     results = json.loads(path.read_text())["results"] if path.is_file() else {}
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "python": sys.version.split()[0]}
     only = set(args.settings.split(",")) if args.settings else None
-    grid = tuple(float(r) for r in args.grid.split(",")) if args.grid else (QUICK_GRID if args.quick else GRID)
-    for name in names:
-        seeds = 1 if args.quick else (args.seeds or SEEDS.get(name, DEFAULT_SEEDS))
-        start = time.perf_counter()
-        results[name] = run_task(
-            name, quick=args.quick, seeds=seeds, grid=grid, explore=args.explore, only=only,
-            previous=results.get(name) if only else None, say=lambda line: print(line, flush=True),
-        )  # fmt: skip
+    grid = tuple(float(r) for r in args.grid.split(",")) if args.grid else (QUICK_GRID if args.quick else None)
+
+    def save(result: dict[str, Any]) -> None:
+        """After each seed, so an interrupted run keeps what it finished (--resume goes on)."""
+        results[result["task"]] = result
         ordered = {n: results[n] for n in TASKS if n in results}
-        with atomic_file(path) as tmp:  # after each task, so an interrupted run keeps what it finished
+        with atomic_file(path) as tmp:
             tmp.write_text(json.dumps({"meta": meta, "results": ordered}, indent=2) + "\n")
         with atomic_file(args.out / f"{stem}.md") as tmp:
             tmp.write_text(markdown(meta, ordered))
+
+    for name in names:
+        seeds = 1 if args.quick else (args.seeds or SEEDS.get(name, DEFAULT_SEEDS))
+        start = time.perf_counter()
+        run_task(
+            name, quick=args.quick, seeds=seeds, grid=grid, explore=args.explore, only=only, previous=results.get(name),
+            resume=args.resume, say=lambda line: print(line, flush=True), save=save,
+        )  # fmt: skip
         print(f"{name}: {time.perf_counter() - start:.0f} s; written {path} and {stem}.md", flush=True)
 
 

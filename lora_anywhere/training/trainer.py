@@ -45,7 +45,6 @@ from .tasks import LoaderSpec, StepResult, Task, get_task
 
 STATE_FILE = "trainer_state.pt"
 STATE_VERSION = 1
-SCHEDULES = ("cosine", "linear", "constant")
 
 
 def _say(message: str, level: int = logging.INFO) -> None:

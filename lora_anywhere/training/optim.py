@@ -32,7 +32,7 @@ from ..errors import ConfigError
 ADAPTER, MAGNITUDE, TRAINABLE, MODEL = "adapter", "magnitude", "trainable", "model"
 GROUPS = (ADAPTER, MAGNITUDE, TRAINABLE, MODEL)
 #: The rate of each group when ``lr`` does not say otherwise (AdamW; bench/quality.py).
-DEFAULT_LR: dict[str, float] = {ADAPTER: 1e-2, MAGNITUDE: 1e-2, TRAINABLE: 1e-2, MODEL: 3e-3}
+DEFAULT_LR: dict[str, float] = {ADAPTER: 3e-2, MAGNITUDE: 3e-2, TRAINABLE: 3e-2, MODEL: 1e-2}
 OPTIMIZERS = ("adamw", "adam", "sgd")
 #: SGD's momentum when ``optimizer="sgd"``: plain SGD without it trains these models far slower.
 SGD_MOMENTUM = 0.9

@@ -235,6 +235,7 @@ def stats(values: list[float]) -> dict[str, float]:
         "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
         "min": min(values),
         "max": max(values),
+        "n": len(values),
     }
 
 
@@ -266,7 +267,9 @@ def _is_rate(setting: str) -> bool:
 
 
 def _acc(s: dict[str, float], seeds: int) -> str:
-    return f"{s['mean']:.3f} ± {s['sd']:.3f}" if seeds > 1 else f"{s['mean']:.3f}"
+    """mean ± sd, and the number of seeds where it is not the task's."""
+    text = f"{s['mean']:.3f} ± {s['sd']:.3f}" if s["n"] > 1 else f"{s['mean']:.3f}"
+    return text if s["n"] == seeds else f"{text} ({s['n']} seed{'s' if s['n'] > 1 else ''})"
 
 
 def _size(n: int) -> str:

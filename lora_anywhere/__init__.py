@@ -28,6 +28,7 @@ from .rules.torch_nn import ConvRule, LinearRule
 from .summary import Summary, summary
 from .training import regularize as regularize  # modules, reached as la.regularize and la.tasks
 from .training import tasks as tasks
+from .training.lr_finder import RangeTest, find_lr
 from .training.rank_selection import RankSelection, select_rank
 from .training.tasks import Task
 from .training.trainer import Trainer
@@ -54,6 +55,8 @@ __all__ = [
     "Summary",
     "Trainer",
     "Task",
+    "find_lr",
+    "RangeTest",
     "plugins",
     "register_plugin",
     "unregister_plugin",

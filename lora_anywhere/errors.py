@@ -56,3 +56,8 @@ class DemoError(LoraError):
 
 class NonFiniteLossError(LoraError, FloatingPointError):
     """The loss became NaN or infinite; training stopped before the bad step was taken."""
+
+
+class ResumeError(ConfigError):
+    """A checkpoint was written by a run set up otherwise (another optimizer, other
+    parameter groups); resuming it would mix the two."""

@@ -116,10 +116,10 @@ def test_bad_flags_are_usage_errors(flags, message, capsys):
     ("extra", "flags", "message"),
     [
         ("[select_rank]\nrnaks = [1, 2]\n", [], "[select_rank] has no option 'rnaks'; its options are: folds, metric, ranks, seed"),
-        ("[select_rank]\nfolds = 1\n", [], "[select_rank] folds must be an integer of at least 2, got 1"),
+        ("[select_rank]\nfolds = 1\n", [], "[select_rank] folds must be an integer ≥ 2, got 1 (int)"),
         ("[select_rank]\nranks = []\n", [], "[select_rank] ranks must be a non-empty list of positive integers"),
         ("[select_rank]\nranks = [0, 2]\n", [], "[select_rank] ranks must be a non-empty list of positive integers"),
-        ("[select_rank]\nmetric = 3\n", [], "[select_rank] metric must be a metric name"),
+        ("[select_rank]\nmetric = 3\n", [], "[select_rank] metric must be a metric name such as"),
         (
             "",
             ["--metric", "val_f1"],

@@ -168,7 +168,7 @@ GOOD_MODEL = '[model]\nspec = "hf:BertForSequenceClassification"\nkwargs = { num
         (GOOD_MODEL + "[data]\nkind = 'parquet'", "kind must be one of 'image-folder', 'pyg', 'audio-folder', 'text-csv'"),
         (GOOD_MODEL + GOOD_DATA + "[lora]\nrnak = 4", "[lora] has no option 'rnak'"),
         (GOOD_MODEL + GOOD_DATA + "[train]\nepoch = 4", "[train] has no option 'epoch'"),
-        (GOOD_MODEL + GOOD_DATA + "[train]\nepochs = 'many'", "epochs must be a positive integer"),
+        (GOOD_MODEL + GOOD_DATA + "[train]\nepochs = 'many'", "[train] epochs must be an integer ≥ 1, got 'many' (str)"),
         (GOOD_MODEL + GOOD_DATA + "[train]\ntask = 'segmentation'", "unknown task 'segmentation'"),
         (GOOD_MODEL + GOOD_DATA + "[train]\ntask = 'regression'", "regression: the model outputs (24, 3) for targets (24,)"),
         (GOOD_MODEL + GOOD_DATA + "[lora]\ntargets = ['Conv2d']", "matched no layer"),

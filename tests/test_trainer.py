@@ -443,7 +443,8 @@ def test_jsonl_log_and_quiet_progress(tmp_path: Path, capsys: pytest.CaptureFixt
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and {"train_loss", "val_loss", "val_accuracy", "lr"} <= set(rows[0])
     assert "it/s" not in capsys.readouterr().err  # stderr is not a terminal here: no bars
-    assert [line.split()[:2] for line in log_lines] == [["epoch", "1/2"], ["epoch", "2/2"]]  # one line per epoch, tty or not
+    # The optimizer's groups as the run starts, then one line per epoch, tty or not.
+    assert [line.split()[:2] for line in log_lines] == [["optimizer", "AdamW:"], ["epoch", "1/2"], ["epoch", "2/2"]]
     Trainer(model, xor_data(32, 1), task="image-classification", epochs=1, batch_size=8, progress=True).fit()
     assert "it/s" in capsys.readouterr().err and log_lines[-1].startswith("epoch 1/1  train_loss")
 
@@ -531,8 +532,9 @@ def test_strided_shards_cover_the_data_evenly() -> None:
 
 
 def test_trainer_rejects_what_it_cannot_train() -> None:
-    with pytest.raises(la.NotAdaptedError, match="apply"):
-        Trainer(mlp(), xor_data(8, 1), task="image-classification")
+    frozen = mlp().requires_grad_(False)  # a plain model trains; one with nothing to train does not
+    with pytest.raises(la.NotAdaptedError, match="no parameter of the model requires grad"):
+        Trainer(frozen, xor_data(8, 1), task="image-classification")
     with pytest.raises(la.LoraError, match="patience"):
         Trainer(la.apply(mlp(), rank=2), xor_data(8, 1), task="image-classification", patience=2)
     with pytest.raises(la.LoraError, match="re-iterable"):

@@ -40,8 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import api
+from .. import api, plan
 from ..errors import ConfigError
+from ..training import options
+from ..training.options import BOOLEAN, POSITIVE, TEXT, Kind, choice, integer, listing, number, strings, table
 from ..training.trainer import Trainer
 from .model_spec import CLASSES, ModelSpec
 from .pretrained import resolve
@@ -52,12 +54,45 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 SECTIONS = ("model", "data", "lora", "train", "select_rank")
-MODEL_KEYS = {"spec", "kwargs", "weights", "weights_ignore", "seed"}
-SELECT_RANK_KEYS = {"ranks", "folds", "metric", "seed"}
 #: `[lora]` and `[train]` take what `apply` and `Trainer` take, by keyword.
 LORA_KEYS = {n for n, p in inspect.signature(api.apply).parameters.items() if p.kind is p.KEYWORD_ONLY}
 #: (class_names comes from the data.)
 TRAIN_KEYS = {n for n, p in inspect.signature(Trainer.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY} - {"class_names"}
+
+# What each option of [model], [lora], [train] and [select_rank] allows, checked as
+# the file is read (`options.check`), before anything is built or loaded.
+_SELECTORS = Kind((TEXT | strings(empty=False)).test, 'a name, a glob or a class name, or a list of them, e.g. ["Conv2d", "fc"]')
+MODEL_OPTIONS: dict[str, Kind] = {
+    "spec": Kind(TEXT.test, 'a model spec "source:name", e.g. "torchvision:resnet18", "pyg:GCN", "mypackage.models:build"'),
+    "kwargs": Kind(
+        table(TEXT, Kind(lambda v: True, "")).test, f'a table of keyword arguments, e.g. kwargs = {{ num_classes = "{CLASSES}" }}'
+    ),
+    "weights": Kind(TEXT.test, "a path string to a .safetensors file or a torch state_dict"),
+    "weights_ignore": Kind(strings().test, 'a list of key prefixes, e.g. ["fc."]'),
+    "seed": integer(0),
+}
+LORA_OPTIONS: dict[str, Kind] = {
+    "rank": integer(1),
+    "alpha": POSITIVE,
+    "targets": _SELECTORS,
+    "exclude": _SELECTORS,
+    "dropout": number(0, below=1),
+    "trainable": _SELECTORS,
+    "ranks": table(TEXT, integer(1)),
+    "alphas": table(TEXT, POSITIVE),
+    "route": choice(*plan.ROUTES),
+    "path": choice(*plan.ROUTES),
+    "freeze_a": BOOLEAN,
+    "rslora": BOOLEAN,
+    "init": choice(*api.INITS),
+    "dora": BOOLEAN,
+}
+SELECT_RANK_OPTIONS: dict[str, Kind] = {
+    "ranks": listing(integer(1), "a non-empty list of positive integers, e.g. ranks = [1, 2, 4, 8]"),
+    "folds": integer(2),
+    "metric": Kind(TEXT.test, 'a metric name such as "val_accuracy" or "val_loss"'),
+    "seed": integer(0),
+}
 
 
 @dataclass
@@ -77,10 +112,12 @@ def _table(raw: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
     return dict(value)
 
 
-def _only(section: dict[str, Any], allowed: set[str], name: str, path: Path, what: str) -> None:
+def _only(section: dict[str, Any], allowed: set[str], name: str, path: Path, what: str, kinds: dict[str, Kind]) -> None:
+    """No unknown option, and each known one of a kind it allows."""
     unknown = sorted(set(section) - allowed)
     if unknown:
         raise ConfigError(f"{path}: [{name}] has no option {', '.join(map(repr, unknown))}; {what}: {', '.join(sorted(allowed))}")
+    options.check(section, kinds, where=f"{path}: [{name}] ")
 
 
 def load_config(path: str | Path) -> TrainConfig:
@@ -101,26 +138,14 @@ def load_config(path: str | Path) -> TrainConfig:
         )
     base = path.parent.resolve()
     model, data, lora, train, select = (_table(raw, name, path) for name in SECTIONS)
-    _only(model, MODEL_KEYS, "model", path, "its options are")
-    _only(lora, LORA_KEYS - {"name"}, "lora", path, "it takes the keyword arguments of lora_anywhere.apply")
-    _only(train, TRAIN_KEYS, "train", path, "it takes the keyword arguments of lora_anywhere.Trainer")
-    _only(select, SELECT_RANK_KEYS, "select_rank", path, "its options are")
-    _check_select_rank(select, path)
-    spec = model.get("spec")
-    if not isinstance(spec, str):
+    _only(model, set(MODEL_OPTIONS), "model", path, "its options are", MODEL_OPTIONS)
+    _only(lora, LORA_KEYS - {"name"}, "lora", path, "it takes the keyword arguments of lora_anywhere.apply", LORA_OPTIONS)
+    _only(train, TRAIN_KEYS, "train", path, "it takes the keyword arguments of lora_anywhere.Trainer", options.TRAINER)
+    _only(select, set(SELECT_RANK_OPTIONS), "select_rank", path, "its options are", SELECT_RANK_OPTIONS)
+    if "spec" not in model:
         raise ConfigError(f'{path}: [model] needs spec = "source:name" (e.g. "torchvision:resnet18", "pyg:GCN", "mypackage.models:build")')
-    kwargs = model.get("kwargs", {})
-    if not isinstance(kwargs, dict):
-        raise ConfigError(f'{path}: [model] kwargs must be a table, e.g. kwargs = {{ num_classes = "{CLASSES}" }}')
-    ignore = model.get("weights_ignore", [])
-    if not isinstance(ignore, list) or not all(isinstance(i, str) for i in ignore):
-        raise ConfigError(f'{path}: [model] weights_ignore must be a list of key prefixes, e.g. ["fc."]')
-    seed = model.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"{path}: [model] seed must be an integer, got {seed!r}")
+    spec, kwargs, ignore, seed = model["spec"], model.get("kwargs", {}), model.get("weights_ignore", []), model.get("seed", 0)
     weights = model.get("weights")
-    if weights is not None and not isinstance(weights, str):
-        raise ConfigError(f"{path}: [model] weights must be a path string")
     if "kind" not in data:
         raise ConfigError(f'{path}: [data] needs kind = "image-folder", "pyg", "audio-folder" or "text-csv"')
     return TrainConfig(
@@ -131,22 +156,3 @@ def load_config(path: str | Path) -> TrainConfig:
         train=train,
         select_rank=select,
     )
-
-
-def _check_select_rank(select: dict[str, Any], path: Path) -> None:
-    def whole(value: Any, minimum: int) -> bool:
-        return not isinstance(value, bool) and isinstance(value, int) and value >= minimum
-
-    ranks = select.get("ranks", [1])
-    if not isinstance(ranks, list) or not ranks or not all(whole(r, 1) for r in ranks):
-        raise ConfigError(
-            f"{path}: [select_rank] ranks must be a non-empty list of positive integers, e.g. ranks = [1, 2, 4, 8], got {ranks!r}"
-        )
-    if not whole(select.get("folds", 2), 2):
-        raise ConfigError(f"{path}: [select_rank] folds must be an integer of at least 2, got {select['folds']!r}")
-    if not isinstance(select.get("metric", ""), str):
-        raise ConfigError(
-            f'{path}: [select_rank] metric must be a metric name such as "val_accuracy" or "val_loss", got {select["metric"]!r}'
-        )
-    if not whole(select.get("seed", 0), 0):
-        raise ConfigError(f"{path}: [select_rank] seed must be an integer ≥ 0, got {select['seed']!r}")

@@ -2,10 +2,13 @@
 
 What it trains is what `lora_anywhere.apply` left trainable (the adapters and the
 ``trainable`` modules); every other parameter and every frozen BatchNorm statistic
-stays exactly as loaded, so a checkpoint needs only the adapter. The loop is plain
-PyTorch: AdamW, warmup + cosine, accumulation, clipping, bf16 autocast on CUDA, DDP
-under torchrun. Checkpoints make a run resumable to the bit on CPU: the adapter,
-optimizer, scheduler, RNG states and the position in the epoch are written together,
+stays exactly as loaded, so a checkpoint needs only the adapter. A model without an
+adapter trains every parameter that requires grad (full fine-tuning, pretraining),
+and its checkpoints hold those and the buffers. The loop is plain PyTorch: AdamW (or
+Adam, SGD, any optimizer) with a learning rate per parameter group (`optim`), warmup +
+cosine, accumulation, clipping, bf16 autocast on CUDA, DDP under torchrun.
+Checkpoints make a run resumable to the bit on CPU: the trained tensors, optimizer,
+scheduler, RNG states and the position in the epoch are written together,
 atomically, and a NaN loss or Ctrl-C never overwrites the last good one.
 """
 
@@ -19,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -28,10 +32,11 @@ import torch.distributed as dist
 from torch import nn
 
 from ..atomic import atomic_dir, recover
-from ..errors import AdapterFileError, LoraError, NonFiniteLossError, NotAdaptedError, TaskError
-from ..io import adapter_state_dict, read_adapter, save_adapter, write_adapter
+from ..errors import AdapterFileError, ConfigError, LoraError, NonFiniteLossError, NotAdaptedError, ResumeError, TaskError
 from ..state import model_state
 from . import metrics as metric_sets
+from . import optim, options
+from .checkpoint import AdapterTensors, ModelTensors, TrainedTensors
 from .data import LoaderSpec, check_dataset, length, to_device
 from .reporting import Report, TensorBoard, epoch_line, plot_curves, process_rank, say, warn, write_history
 from .reporting import bar as _bar
@@ -39,7 +44,6 @@ from .tasks import StepResult, Task, get_task
 
 STATE_FILE = "trainer_state.pt"
 STATE_VERSION = 1
-SCHEDULES = ("cosine", "linear", "constant")
 
 
 # The rank-0 logging helpers under the names the loop uses.
@@ -47,7 +51,8 @@ _say, _warn, _rank = say, warn, process_rank
 
 
 class Trainer:
-    """Train a model's LoRA adapters (and ``trainable`` modules) on one task.
+    """Train a model's LoRA adapters (and ``trainable`` modules) on one task; a model
+    without an adapter trains every parameter that requires grad.
 
     ``train_data``/``val_data`` may be a Dataset, a DataLoader, a list of batches, or
     (node classification) one graph. ``task`` is a name (``"image-classification"``,
@@ -62,6 +67,14 @@ class Trainer:
     adapter) and ``last/`` (the adapter plus the state `resume=True` continues from).
     ``regularizer`` (a penalty ``f(model) -> tensor``, see `lora_anywhere.regularize`)
     with ``regularizer_weight`` λ trains on task loss + λ·penalty (``weight`` is its old name).
+
+    Learning rates: each parameter group (adapter factors, DoRA magnitudes, trainable
+    modules, a plain model's parameters) has a measured default (`optim.DEFAULT_LR`).
+    ``lr`` = a number sets every group, a mapping ``{"trainable": 3e-3}`` the groups it
+    names, ``"find"`` runs the range test (`lora_anywhere.find_lr`) and uses its
+    suggestion. ``loraplus_ratio`` trains B at that multiple of A's rate (LoRA+).
+    ``optimizer`` is "adamw", "adam", "sgd" (momentum 0.9) or a function of the
+    parameter groups that returns a torch optimizer (e.g. ``torch.optim.RAdam``).
     """
 
     def __init__(
@@ -72,7 +85,9 @@ class Trainer:
         *,
         task: str | Task | Callable[[nn.Module, Any], torch.Tensor],
         epochs: int = 3,
-        lr: float = 1e-3,
+        lr: float | Mapping[str, float] | str | None = None,
+        loraplus_ratio: float = 1.0,
+        optimizer: optim.OptimizerChoice = "adamw",
         weight_decay: float = 0.0,
         batch_size: int = 32,
         grad_accum: int = 1,
@@ -99,14 +114,7 @@ class Trainer:
         tensorboard: bool = False,
         class_names: list[str] | None = None,
     ) -> None:
-        _check(isinstance(epochs, int) and epochs >= 1, f"epochs must be a positive integer, got {epochs!r}")
-        _check(isinstance(grad_accum, int) and grad_accum >= 1, f"grad_accum must be a positive integer, got {grad_accum!r}")
-        _check(lr > 0, f"lr must be positive, got {lr!r}")
-        _check(clip is None or clip > 0, f"clip must be positive or None, got {clip!r}")
-        _check(schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-        _check(precision in ("auto", "bf16", "fp32"), f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
-        _check(log_format in ("csv", "jsonl"), f"log_format must be 'csv' or 'jsonl', got {log_format!r}")
-        _check(warmup >= 0, f"warmup must be ≥ 0, got {warmup!r}")
+        options.check({k: v for k, v in locals().items() if k in options.TRAINER}, options.TRAINER)
         _check(patience is None or val_data is not None, "early stopping (patience=...) needs val_data to watch")
         _check(not resume or out_dir is not None, "resume=True needs the out_dir the interrupted run wrote to")
         _check(
@@ -118,19 +126,14 @@ class Trainer:
         )
         _check(isinstance(tensorboard, bool), f"tensorboard must be True or False, got {tensorboard!r}")
         _check(not tensorboard or out_dir is not None, "tensorboard=True writes to out_dir/tensorboard; give an out_dir")
-        state = model_state(model)
-        if not state or not state.adapters:
-            raise NotAdaptedError("the model carries no adapter; call lora_anywhere.apply(model, ...) before training it")
-        if adapter is None and len(state.adapters) > 1:
-            raise NotAdaptedError(f"the model has several adapters ({', '.join(state.adapters)}); pass adapter=... to name the one to save")
-        self.adapter = adapter or next(iter(state.adapters))
-        self.trainable_modules = sorted({m for config in state.adapters.values() for m in config.trainable})
+        self.adapter, self.trainable_modules, self.saved = _what_trains(model, adapter)
 
         self.process_rank, self.world_size, self.device = _setup(device)
         self.model = model.to(self.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise NotAdaptedError("no parameter of the model requires grad: nothing to train")
+        self.lr, self.loraplus_ratio, self.optimizer_choice, self.weight_decay = lr, float(loraplus_ratio), optimizer, weight_decay
         self.task = get_task(task)
         self.train_data, self.val_data = train_data, val_data
         check_dataset(self.task, train_data)
@@ -154,24 +157,19 @@ class Trainer:
         self.report_epochs = progress is not False
         self.monitor, self.patience, self.resume = monitor, patience, resume
         self.find_unused_parameters = find_unused_parameters
-        _check(
-            regularizer is None or callable(regularizer),
-            "regularizer must be a function penalty(model) -> tensor, e.g. lora_anywhere.regularize.delta_frobenius",
-        )
         if weight is not None:  # the old name of regularizer_weight
             _check(regularizer_weight in (0, weight), "weight is the old name of regularizer_weight; give only regularizer_weight")
             regularizer_weight = weight
-        _check(regularizer_weight >= 0, f"regularizer_weight (λ of the regularizer) must be ≥ 0, got {regularizer_weight!r}")
         self.regularizer, self.regularizer_weight = regularizer, float(regularizer_weight)
 
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         per_epoch = length(self.task.batches(train_data, train=True, spec=self._spec(0)))
         if per_epoch is None and schedule != "constant":
             _warn(f"the training data has no len(), so the {schedule} schedule cannot be planned; using a constant lr")
             schedule = "constant"
         total = epochs * math.ceil((per_epoch or 1) / grad_accum)
         warm = int(warmup * total) if warmup < 1 else int(warmup)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(schedule, warm, total))
+        self._lr_factor = _schedule(schedule, warm, total)
+        self._set_rates(None if lr == "find" else lr)
 
         self.history: list[dict[str, float]] = []
         self.best: float | None = None
@@ -187,8 +185,12 @@ class Trainer:
         to train further, make a Trainer with more epochs and ``resume=True``."""
         position = self._load_checkpoint() if self.resume else None
         if position is None:
+            if self.lr == "find":
+                self._set_rates(self._found_lr())
             _seed_everything(self.seed)
             position = {"epoch": 0, "batch": 0}
+        if self.report_epochs:
+            _say(optim.describe(self.groups, self.optimizer))
         self._preflight()
         net = self._wrapped()
         try:
@@ -297,6 +299,30 @@ class Trainer:
         them as JSON and PNG)."""
         return self._evaluate(data, get_task(task) if task is not None else self.task, "eval")
 
+    # ------------------------------------------------------------------ optimizer and rates
+
+    def _set_rates(self, lr: float | Mapping[str, float] | None) -> None:
+        """(Re)build the parameter groups, the optimizer and the schedule for `lr` (see
+        `optim`): called once at construction, and again after ``lr="find"``."""
+        self.groups = optim.parameter_groups(
+            self.model, adapted=self.adapter is not None, lr=optim.rates(lr), loraplus_ratio=self.loraplus_ratio
+        )
+        self.optimizer = optim.make_optimizer(self.groups, self.optimizer_choice, self.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+
+    def _found_lr(self) -> float:
+        """``lr="find"``: the range test's suggestion, the same on every rank."""
+        from .lr_finder import sweep
+
+        self.range_test = sweep(self, out_dir=self.out_dir)
+        found = self.range_test.suggestion
+        if self.world_size > 1:
+            agreed = [found]
+            dist.broadcast_object_list(agreed, src=0)
+            found = agreed[0]
+        _say(f"lr='find': the range test suggests lr {found:.3g} for every parameter group")
+        return found
+
     # ------------------------------------------------------------------ one epoch
 
     def _train_epoch(self, net: nn.Module, epoch: int, resume_at: dict[str, Any] | None) -> dict[str, float] | None:
@@ -401,7 +427,7 @@ class Trainer:
         if better:
             self.best, self.bad_epochs = value, 0
             if self.out_dir is not None and self.process_rank == 0:
-                save_adapter(self.model, self.out_dir / "best", name=self.adapter)
+                self.saved.save(self.out_dir / "best")
             return False
         self.bad_epochs += 1
         return self.patience is not None and self.bad_epochs >= self.patience
@@ -469,8 +495,11 @@ class Trainer:
 
     def _train_mode(self) -> None:
         """Train mode, except for frozen norm layers: their running statistics are part
-        of the base model, which the adapter must not silently change."""
+        of the base model, which the adapter must not silently change. A plain model
+        trains whole, as in any PyTorch loop."""
         self.model.train()
+        if self.adapter is None:
+            return
         for name, module in self.model.named_modules():
             if isinstance(module, nn.modules.batchnorm._NormBase) and not any(
                 name == t or name.startswith(f"{t}.") for t in self.trainable_modules
@@ -525,6 +554,7 @@ class Trainer:
             "version": STATE_VERSION,
             **position,
             "optimizer": self.optimizer.state_dict(),
+            "setup": optim.setup(self.groups, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "history": self.history,
             "best": self.best,
@@ -533,7 +563,7 @@ class Trainer:
         # Adapter and trainer state go into one folder that replaces last/ whole, so a
         # crash never pairs an adapter with another step's optimizer state.
         with atomic_dir(self.out_dir / "last") as tmp:
-            write_adapter(self.model, tmp, name=self.adapter)
+            self.saved.write(tmp)
             torch.save(state, tmp / STATE_FILE)
 
     def _load_checkpoint(self) -> dict[str, Any] | None:
@@ -548,7 +578,8 @@ class Trainer:
             raise AdapterFileError(f"{folder / STATE_FILE} cannot be read ({exc}); delete {folder} to start over") from exc
         if state.get("version") != STATE_VERSION:
             raise AdapterFileError(f"{folder / STATE_FILE} has version {state.get('version')!r}, expected {STATE_VERSION}")
-        _copy_adapter(self.model, folder, self.adapter)
+        saved = self._resumable(state, folder)
+        self.saved.copy_in(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.history, self.best, self.bad_epochs = list(state["history"]), state["best"], state["bad_epochs"]
@@ -557,6 +588,30 @@ class Trainer:
         else:
             _say(f"resuming from {folder}: epoch {state['epoch'] + 1}, batch {state['batch']}")
         return state
+
+    def _resumable(self, state: dict[str, Any], folder: Path) -> dict[str, torch.Tensor]:
+        """Check everything a resume will load against this run before any of it is
+        copied: the saved tensors against the model, the optimizer setup against this
+        one. Returns the saved tensors."""
+        saved = self.saved.checked(folder)
+        current = optim.setup(self.groups, self.optimizer)
+        if "setup" in state:
+            differ = optim.setup_difference(state["setup"], current)
+        else:  # a checkpoint from before setups were recorded: compare the groups' sizes
+            was = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+            now = [len(g["params"]) for g in self.optimizer.param_groups]
+            differ = None if was == now else f"parameter groups of {was} tensors in the checkpoint, {now} now"
+        if differ is not None:
+            raise ResumeError(
+                f"the checkpoint in {folder} was trained with another optimizer setup: {differ}. Resume with the options of "
+                "that run (optimizer, lr groups, loraplus_ratio, freeze_a, trainable), or use a fresh out_dir; nothing was loaded"
+            )
+        was = state["scheduler"].get("base_lrs")
+        if self.lr != "find" and was is not None and [float(x) for x in was] != [g.lr for g in self.groups]:
+            _warn(
+                f"resuming with the checkpoint's learning rates ({', '.join(f'{x:.3g}' for x in was)}); the lr given now applies to fresh runs"
+            )
+        return saved
 
     def _write_logs(self, *, plot: bool) -> None:
         """metrics.csv (or .jsonl) every epoch; curves.png when `plot` (and at the end)."""
@@ -667,6 +722,8 @@ def _setup(device: str | torch.device) -> tuple[int, int, torch.device]:
     if device == "auto":
         device = f"cuda:{local}" if torch.cuda.is_available() and world > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} was asked for, but torch sees no CUDA device; use 'cpu' or 'auto'")
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -718,23 +775,23 @@ def _set_rng(state: dict[str, Any], device: torch.device) -> None:
 # ---------------------------------------------------------------------- small pieces
 
 
-def _copy_adapter(model: nn.Module, folder: Path, name: str) -> None:
-    """Load a saved adapter's values into the model's existing adapter, in place, so the
-    optimizer keeps pointing at the same parameters."""
-    _, saved = read_adapter(folder)
-    current = adapter_state_dict(model, name)  # detached views of the live tensors
-    if set(saved) != set(current):
-        differ = sorted(set(saved) ^ set(current))
-        raise AdapterFileError(
-            f"the checkpoint in {folder} was saved from another adapter setup (differs in {', '.join(differ[:5])}); use a fresh out_dir"
-        )
-    with torch.no_grad():
-        for key, tensor in current.items():
-            if tensor.shape != saved[key].shape:
-                raise AdapterFileError(
-                    f"the checkpoint in {folder} has {key} of shape {tuple(saved[key].shape)}, the model {tuple(tensor.shape)}"
-                )
-            tensor.copy_(saved[key])
+def _what_trains(model: nn.Module, adapter: str | None) -> tuple[str | None, list[str], ModelTensors]:
+    """The adapter a checkpoint saves (None for a plain model), the ``trainable``
+    modules, and what the checkpoints hold: the adapter, or a plain model's trained
+    parameters and buffers."""
+    state = model_state(model)
+    if not state or not state.adapters:
+        if adapter is not None:
+            raise NotAdaptedError(
+                f"adapter={adapter!r} was given, but the model carries no adapter; leave adapter out to train the model itself"
+            )
+        return None, [], TrainedTensors(model)
+    if adapter is None and len(state.adapters) > 1:
+        raise NotAdaptedError(f"the model has several adapters ({', '.join(state.adapters)}); pass adapter=... to name the one to save")
+    if adapter is not None and adapter not in state.adapters:
+        raise NotAdaptedError(f"the model has no adapter named {adapter!r}; it has {', '.join(state.adapters)}")
+    name = adapter or next(iter(state.adapters))
+    return name, sorted({m for config in state.adapters.values() for m in config.trainable}), AdapterTensors(model, name)
 
 
 def _schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:

@@ -3,7 +3,10 @@ ways with the shared `Trainer`, and check that the LoRA model merges and reloads
 exactly.
 
 A domain only says how to make its data and its model; this module runs the same
-protocol on each, so the numbers in the table are comparable across domains.
+protocol on each, so the numbers in the table are comparable across domains. Task B
+is trained at the Trainer's default learning rates, whatever the method: the table
+shows what a user gets without tuning (bench/quality.py compares them with the best
+rate of a grid).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from ... import api, attach, io
 from ...errors import DemoError
 from ...log import logger
 from ...named import disabled
+from ...training.checkpoint import MODEL_FILE
 from ...training.trainer import Trainer
 
 #: How the three ways of adapting to task B are named in the table.
@@ -61,8 +65,7 @@ class Domain:
     lora_trainable: list[str] = field(default_factory=list)  # besides the head
     epochs_a: int = 10
     epochs_b: int = 10
-    lr_a: float = 3e-3
-    lr: dict[str, float] = field(default_factory=lambda: {LORA: 3e-3, HEAD: 3e-3, FULL: 1e-3})
+    lr_a: float = 3e-3  # pretraining the base on task A (task B takes the Trainer's defaults)
     batch_size: int = 64
     test_task: Any = None  # how `Trainer.evaluate` scores the test set (default: `task`)
 
@@ -92,14 +95,6 @@ class Outcome:
     adapter_dir: Path
 
 
-def full_training(model: nn.Module) -> nn.Module:
-    """Make every parameter trainable through `apply`, so that pretraining and full
-    fine-tuning run in the same `Trainer` as LoRA: no layer gets an adapter, every
-    top-level module is `trainable` (and saved whole in the checkpoint)."""
-    children = [name for name, child in model.named_children() if any(True for _ in child.parameters())]
-    return api.apply(model, trainable=children)
-
-
 def head_only(model: nn.Module, head: str) -> nn.Module:
     """The base stays frozen; only the new head trains (a linear probe)."""
     return api.apply(model, exclude="*", trainable=[head])
@@ -112,11 +107,12 @@ def count_trainable(model: nn.Module) -> tuple[int, int]:
     return trainable, base
 
 
-def fit(domain: Domain, model: nn.Module, data: Data, *, epochs: int, lr: float, out_dir: Path, device: str) -> tuple[Trainer, float]:
-    """Train with the shared trainer; return it and the wall time of `fit`."""
+def fit(domain: Domain, model: nn.Module, data: Data, *, epochs: int, out_dir: Path, device: str, **options: Any) -> tuple[Trainer, float]:
+    """Train with the shared trainer (its defaults, but for the domain's epochs and
+    batch size, and `options`); return it and the wall time of `fit`."""
     trainer = Trainer(
-        model, data.train, data.val, task=domain.task, epochs=epochs, lr=lr, batch_size=domain.batch_size,
-        warmup=0.1, out_dir=out_dir, progress=False, device=device, seed=0,
+        model, data.train, data.val, task=domain.task, epochs=epochs, batch_size=domain.batch_size,
+        out_dir=out_dir, progress=False, device=device, seed=0, **options,
     )  # fmt: skip
     start = time.perf_counter()
     trainer.fit()
@@ -126,7 +122,8 @@ def fit(domain: Domain, model: nn.Module, data: Data, *, epochs: int, lr: float,
 
 
 def folder_bytes(folder: Path) -> int:
-    return (folder / io.TENSORS_FILE).stat().st_size
+    """The size of what a checkpoint folder holds: the adapter, or a plain model's tensors."""
+    return sum(f.stat().st_size for f in folder.iterdir() if f.name in (io.TENSORS_FILE, MODEL_FILE))
 
 
 def run_domain(domain: Domain, out: Path, *, fast: bool, device: str) -> Outcome:
@@ -137,8 +134,8 @@ def run_domain(domain: Domain, out: Path, *, fast: bool, device: str) -> Outcome
     epochs_b = max(2, domain.epochs_b // 4) if fast else domain.epochs_b
 
     torch.manual_seed(0)
-    base = full_training(domain.build(data_a.classes))
-    trainer, seconds = fit(domain, base, data_a, epochs=epochs_a, lr=domain.lr_a, out_dir=out / "pretrain", device=device)
+    base = domain.build(data_a.classes)  # a plain model: the trainer trains all of it
+    trainer, seconds = fit(domain, base, data_a, epochs=epochs_a, out_dir=out / "pretrain", device=device, lr=domain.lr_a, warmup=0.1)
     acc_a = trainer.evaluate(data_a.test, task=domain.test_task)["accuracy"]
     pretrained = {k: v.detach().cpu().clone() for k, v in base.state_dict().items()}
     logger.info(f"{domain.name}: pretrained {domain.model} on task A ({domain.task_a}): test accuracy {acc_a:.3f}, {seconds:.1f} s")
@@ -160,12 +157,11 @@ def run_domain(domain: Domain, out: Path, *, fast: bool, device: str) -> Outcome
             api.apply(model, rank=domain.rank, targets=domain.targets, trainable=[domain.head, *domain.lora_trainable])
         elif method == HEAD:
             head_only(model, domain.head)
-        else:
-            full_training(model)
+        # full FT: the plain model, every parameter trains
         trainable, total = count_trainable(model)
-        trainer, seconds = fit(domain, model, data_b, epochs=epochs_b, lr=domain.lr[method], out_dir=out / _slug(method), device=device)
+        trainer, seconds = fit(domain, model, data_b, epochs=epochs_b, out_dir=out / _slug(method), device=device)
         accuracy = trainer.evaluate(data_b.test, task=domain.test_task)["accuracy"]
-        saved = io.save_adapter(model, out / _slug(method) / "final")
+        saved = trainer.saved.save(out / _slug(method) / "final")
         curve = [row["val_accuracy"] for row in trainer.history]
         rows.append(Row(domain.name, method, accuracy, trainable, total, seconds, folder_bytes(saved), curve))
         logger.info(f"{domain.name}: {method:<9} on task B ({domain.task_b}): test accuracy {accuracy:.3f}, {seconds:.1f} s")

@@ -18,7 +18,7 @@ from torch_geometric.data import Data as Graph
 from torch_geometric.nn.models import GCN
 
 from ...training.tasks import NodeClassification
-from .common import FULL, HEAD, LORA, Data, Domain
+from .common import Data, Domain
 
 FEATURES, GROUPS = 16, 4
 
@@ -83,5 +83,4 @@ DOMAIN = Domain(
     epochs_a=15,
     epochs_b=15,
     lr_a=1e-2,
-    lr={LORA: 2e-2, HEAD: 1e-2, FULL: 1e-2},
 )

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ...training.tasks import AudioClassification
-from .common import FULL, HEAD, LORA, Data, Domain
+from .common import Data, Domain
 
 RATE = 8000
 HOP = 80  # 10 ms frames
@@ -99,5 +99,4 @@ DOMAIN = Domain(
     epochs_a=6,
     epochs_b=8,
     lr_a=3e-3,
-    lr={LORA: 1e-2, HEAD: 1e-2, FULL: 3e-3},
 )

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ...training.tasks import TextClassification
-from .common import FULL, HEAD, LORA, Data, Domain
+from .common import Data, Domain
 
 VOCAB, KEYWORDS, MAX_LEN, WIDTH = 40, 4, 24, 32  # ids: 0 padding, 1-4 keywords, 5+ filler
 PAIRS = [(a, b) for a in range(KEYWORDS) for b in range(a + 1, KEYWORDS)]
@@ -92,5 +92,4 @@ DOMAIN = Domain(
     epochs_a=8,
     epochs_b=8,
     lr_a=3e-3,
-    lr={LORA: 1e-2, HEAD: 1e-2, FULL: 3e-3},
 )

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from .common import FULL, HEAD, LORA, Data, Domain
+from .common import Data, Domain
 
 SIZE = 20
 PERIODS = (math.inf, 2.0, 3.0, 4.0)  # stripe period along the bar, pixels (inf: solid)
@@ -102,5 +102,4 @@ DOMAIN = Domain(
     epochs_a=8,
     epochs_b=8,
     lr_a=3e-3,
-    lr={LORA: 1e-2, HEAD: 1e-2, FULL: 3e-3},
 )

@@ -1,6 +1,6 @@
 """What an adapter is, as data: enough to re-create it exactly on a fresh base model.
 
-Saved as ``adapter_config.json`` beside the tensors, and kept on the adapted model.
+Saved as ``lora_anywhere_config.json`` beside the tensors, and kept on the adapted model.
 """
 
 from __future__ import annotations

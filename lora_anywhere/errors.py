@@ -33,6 +33,10 @@ class ShapeMismatchError(LoraError):
     """A saved adapter does not fit the model it is loaded onto."""
 
 
+class ExportError(LoraError):
+    """An adapter cannot be written in the requested format exactly (some layers have no exact equivalent there)."""
+
+
 class PluginError(LoraError):
     """A plugin cannot be registered or unregistered as asked."""
 

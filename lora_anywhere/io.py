@@ -2,6 +2,13 @@
 
 Nothing is ever unpickled, and nothing is written half: both files go into a
 temporary folder that then takes the target's place.
+
+Two folder formats exist, told apart by their file names: the native one
+(``lora_anywhere_config.json`` + ``lora_anywhere_adapter.safetensors``) and Hugging
+Face PEFT's (``adapter_config.json`` with a ``peft_type`` + ``adapter_model.safetensors``,
+see `peft_format`). Native folders written before the rename used PEFT's file names
+(their config has a ``format`` of ``lora_anywhere.adapter/…`` and no ``peft_type``);
+they still load.
 """
 
 from __future__ import annotations
@@ -19,13 +26,16 @@ from . import attach
 from .adapter_config import FORMAT, READABLE_FORMATS, AdapterConfig
 from .api import install, remove
 from .atomic import atomic_dir
-from .errors import AdapterFileError, AlreadyAdaptedError, NotAdaptedError, ShapeMismatchError
+from .errors import AdapterFileError, AlreadyAdaptedError, LoraError, NotAdaptedError, ShapeMismatchError
 from .plan import LayerPlan, activation_owners, resolve_targets
 from .registry import registry
 from .state import model_state
 
-CONFIG_FILE = "adapter_config.json"
-TENSORS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "lora_anywhere_config.json"
+TENSORS_FILE = "lora_anywhere_adapter.safetensors"
+#: The names native folders had before: PEFT's, which PEFT then could not read. Read, never written.
+LEGACY_FILES = ("adapter_config.json", "adapter_model.safetensors")
+FORMATS = ("native", "peft")
 
 
 def _adapter_name(model: nn.Module, name: str | None) -> str:
@@ -64,9 +74,23 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
     return out
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
-    """Write the adapter to folder `path` (``adapter_model.safetensors`` and
-    ``adapter_config.json``), atomically. Returns the folder."""
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, name: str | None = None, *, format: str = "native", strict: bool = True
+) -> Path:
+    """Write the adapter to folder `path`, atomically, and return the folder.
+
+    ``format="native"`` (the default) writes ``lora_anywhere_adapter.safetensors`` and
+    ``lora_anywhere_config.json``; ``format="peft"`` writes a Hugging Face PEFT LoRA
+    folder that ``peft.PeftModel.from_pretrained(base, path)`` loads with the same
+    outputs. A layer PEFT cannot express exactly is refused (`ExportError`, listing
+    each); with ``strict=False`` the others are written and a warning names each one
+    left out."""
+    if format not in FORMATS:
+        raise LoraError(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
+    if format == "peft":
+        from .peft_format import save_peft
+
+        return save_peft(model, path, name, strict=strict)
     name = _adapter_name(model, name)
     config = model_state(model).adapters[name]
     tensors = {k: v.cpu().contiguous().clone() for k, v in adapter_state_dict(model, name).items()}
@@ -76,38 +100,51 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     return Path(path)
 
 
+def _native_files(folder: Path) -> tuple[str, str]:
+    """The config and tensor file names of the native adapter in `folder`: today's, or the legacy ones."""
+    if not (folder / CONFIG_FILE).is_file() and (folder / LEGACY_FILES[0]).is_file():
+        return LEGACY_FILES
+    return CONFIG_FILE, TENSORS_FILE
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-    """Read a saved adapter's config and tensors, with a clear error for anything off."""
+    """Read a saved native adapter's config and tensors, with a clear error for anything off."""
     folder = Path(path)
     how = f"expected a folder with {CONFIG_FILE} and {TENSORS_FILE}, as written by lora_anywhere.save_adapter"
     if not folder.is_dir():
         raise AdapterFileError(f"no adapter at {folder}: {how}")
-    for file in (CONFIG_FILE, TENSORS_FILE):
+    config_file, tensors_file = _native_files(folder)
+    for file in (config_file, tensors_file):
         if not (folder / file).is_file():
             raise AdapterFileError(f"{folder} has no {file}: {how}")
     try:
-        data = json.loads((folder / CONFIG_FILE).read_text())
+        data = json.loads((folder / config_file).read_text())
         if data.get("format") not in READABLE_FORMATS:
             raise ValueError(f"format {data.get('format')!r}, expected one of {', '.join(READABLE_FORMATS)}")
         config = AdapterConfig.from_json(data)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise AdapterFileError(
-            f"{folder / CONFIG_FILE} is not a valid lora_anywhere adapter config ({exc}); save the adapter again"
+            f"{folder / config_file} is not a valid lora_anywhere adapter config ({exc}); save the adapter again"
         ) from exc
     try:
-        tensors = load_file(str(folder / TENSORS_FILE))
+        tensors = load_file(str(folder / tensors_file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterFileError(f"{folder / TENSORS_FILE} is corrupt or not a safetensors file ({exc}); save the adapter again") from exc
+        raise AdapterFileError(f"{folder / tensors_file} is corrupt or not a safetensors file ({exc}); save the adapter again") from exc
     return config, tensors
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
     """Re-create a saved adapter on a plain base model and load its tensors.
 
-    Every layer, rule and shape is checked before the model is touched; a mismatch
-    raises `ShapeMismatchError` naming each difference, and leaves the model as it was.
+    `path` is a native folder or a Hugging Face PEFT LoRA folder (recognised by the
+    ``peft_type`` in its ``adapter_config.json``; see `peft_format`), which is
+    translated into a native adapter first. Every layer, rule and shape is checked
+    before the model is touched; a mismatch raises `ShapeMismatchError` naming each
+    difference, and leaves the model as it was.
     """
-    config, tensors = read_adapter(path)
+    from . import peft_format
+
+    config, tensors = peft_format.read_peft(model, path) if peft_format.is_peft_folder(path) else read_adapter(path)
     if name is not None:
         config.name = name
     if model_state(model) and config.name in model_state(model).adapters:

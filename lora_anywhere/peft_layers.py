@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from . import attach
@@ -134,6 +135,9 @@ def _inexact(modules: dict[str, nn.Module], shared: dict[int, list], site: Site)
         yield "PEFT's MultiheadAttention LoRA needs q, k and v of one size (kdim = vdim = embed_dim)"
     tensor_name = "in_proj_weight" if site.kind == MHA else (site.parameter or "weight")
     tensor = module._parameters.get(tensor_name)
+    if tensor is not None and is_lazy(tensor):
+        yield f"its {tensor_name} is not materialised yet (a lazy layer): run one forward pass with a real input first"
+        return
     if tensor is None or parametrize.is_parametrized(module, tensor_name) or _hook_weight_norm(module, tensor_name):
         yield f"its {tensor_name} is weight-normed (or parametrized): PEFT adds its update after the norm, lora_anywhere adapts the tensor under it"
     elif site.kind == PARAMETER and tensor.dim() != 2:

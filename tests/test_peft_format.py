@@ -560,6 +560,34 @@ def test_imported_adapter_trains_merges_and_saves_natively(tmp_path):
     assert max_error(after, run(PeftModel.from_pretrained(bert(), tmp_path / "peft_again").eval(), TOKENS)) <= TOL
 
 
+def test_export_a_merged_adapter_beside_another(tmp_path):
+    """The factors are what is exported: merging changes nothing, and the other adapter is not written."""
+    model = la.apply(text_cnn(), rank=2, targets="conv", name="other")
+    la.apply(model, rank=3, name="mine")
+    randomize(model)
+    la.set_adapter(model, "mine")
+    expected = run(model, WORDS)
+    la.merge(model, "mine")
+    la.save_adapter(model, tmp_path / "peft", name="mine", format="peft")
+    loaded = PeftModel.from_pretrained(text_cnn(), tmp_path / "peft").eval()
+    assert max_error(expected, run(loaded, WORDS)) <= TOL
+    with pytest.raises(la.NotAdaptedError, match="several adapters"):
+        la.save_adapter(model, tmp_path / "peft", format="peft")
+    with pytest.raises(la.LoraError, match="format must be one of 'native', 'peft'"):
+        la.save_adapter(model, tmp_path / "peft", name="mine", format="PEFT")
+
+
+def test_import_beside_an_adapter_and_under_another_name(tmp_path):
+    peft_model = peft_folder(text_cnn, tmp_path / "from_peft", r=2, target_modules=["conv", "head"])
+    model = la.apply(text_cnn(), rank=2, targets="embed")
+    la.load_adapter(model, tmp_path / "from_peft", name="peft")
+    assert la.adapter_names(model) == ["default", "peft"]
+    la.set_adapter(model, "peft")
+    assert max_error(run(peft_model, WORDS), run(model, WORDS)) <= TOL
+    with pytest.raises(la.AlreadyAdaptedError):
+        la.load_adapter(model, tmp_path / "from_peft", name="peft")
+
+
 def test_native_and_peft_round_trips_give_the_same_adapter(tmp_path):
     """native → PEFT → native and PEFT → native → PEFT keep every output."""
     model = la.apply(text_cnn(), rank=3, trainable="head")
@@ -651,6 +679,8 @@ def test_import_refuses_configs_peft_itself_refuses(tmp_path):
             r"proj.weight: its module is a target module too",
         ),
         ({"target_modules": ["head", "lstm"]}, r"lstm \(LSTM\): PEFT has no LoRA layer for it"),
+        # modules_to_save matches by name ending: "oj" catches proj, which also gets a LoRA
+        ({"target_modules": ["proj"], "modules_to_save": ["oj"]}, r"proj \(Linear\): it lies in proj, which modules_to_save also names"),
     ]:
         config_file.write_text(json.dumps({**config, **change}))
         assert_import_refused(tagger, SEQUENCE, folder, match)

@@ -61,6 +61,7 @@ from .peft_layers import (
     to_peft,
     to_save_matches,
     why_inexact,
+    why_not_saved,
 )
 from .plan import _hook_weight_norm
 from .registry import registry
@@ -185,10 +186,11 @@ def export_plan(model: nn.Module, name: str | None = None) -> ExportPlan:
             magnitude = adapter.magnitudes[t.name].detach() if adapter.dora else None
             plan.add(site, part, _Block(t.rows or (0, t.shape[0]), a.detach(), b.detach(), f.scale, magnitude, where))
     for module in config.trainable:
-        if module:
-            plan.to_save.append(module)
+        why = why_not_saved(plan.modules, shared, module)
+        if why:
+            plan.left_out[f"{module or '<root>'} (trainable)"] = why
         else:
-            plan.left_out["<root> (trainable)"] = "PEFT cannot save the model's root module as a module to save"
+            plan.to_save.append(module)
     _check_names(model, plan)
     _number_wrappers(plan)
     if config.freeze_a:
@@ -553,6 +555,7 @@ def _resolve(model: nn.Module, modules: dict[str, nn.Module], options: Options, 
     matched = to_save_matches(all_names, options.modules_to_save)
     to_save = [n for n in matched if not any(o != n and is_under(n, o) for o in matched)]
     shared = attach.tensor_holders(model)
+    problems += [f"{m} (module to save): {why}" for m in to_save if (why := why_not_saved(modules, shared, m))]
     for site in sites:
         holder = next((m for m in to_save if is_under(site.module, m)), None)
         why = why_inexact(modules, shared, site)

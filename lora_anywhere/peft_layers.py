@@ -151,12 +151,28 @@ def _inexact(modules: dict[str, nn.Module], shared: dict[int, list], site: Site)
     holders = [m for m, _ in shared.get(id(tensor), ()) if m is not module] if tensor is not None else []
     if holders:
         yield (
-            f"its {tensor_name} is shared with a {type(holders[0]).__name__} (tied weights): PEFT changes the outputs of one holder only, "
+            f"its {tensor_name} is shared with another module ({type(holders[0]).__name__}; tied weights): PEFT changes the outputs of one holder only, "
             "lora_anywhere every reader of the tensor"
         )
     bypass = _bypassed_by(modules, site.module)
     if bypass:
         yield f"{bypass} reads {site.module}'s weight itself, so PEFT's wrapper around {site.module} would never run"
+
+
+def why_not_saved(modules: dict[str, nn.Module], shared: dict[int, list], name: str) -> str | None:
+    """Why PEFT's copy of module `name` (a module to save) would compute otherwise than
+    training the module itself, or None."""
+    if not name:
+        return "PEFT cannot save the model's root module as a module to save"
+    inside = {id(m) for m in modules[name].modules()}
+    for tensor in modules[name].parameters():
+        outside = [m for m, _ in shared.get(id(tensor), ()) if id(m) not in inside]
+        if outside:
+            return (
+                f"its parameters are shared with a module outside it ({type(outside[0]).__name__}; tied weights): "
+                f"PEFT trains and saves a copy of {name}, which unties them"
+            )
+    return None
 
 
 def _bypassed_by(modules: dict[str, nn.Module], name: str) -> str | None:

@@ -380,7 +380,7 @@ def test_export_graph_linears_and_refuse_gat_attention_vectors(tmp_path, log_lin
         (lambda: text_cnn(max_norm=1.0), "embed", False, r"embed:weight: PEFT renormalises its own LoRA table \(max_norm=1.0\)"),
         (text_cnn, "embed", True, r"embed:weight: DoRA on an embedding: PEFT normalises the table's columns"),
         (gpt2, "*.c_attn", True, r"transformer.h.0.attn.c_attn:weight: DoRA on a transformers Conv1D"),
-        (gpt2, None, False, r"transformer.wte:weight: its weight is shared with a Linear \(tied weights\)"),
+        (gpt2, None, False, r"transformer.wte:weight: its weight is shared with another module \(Linear; tied weights\)"),
         (lambda: nn.Sequential(nn.ConvTranspose2d(3, 4, 3)), None, False, r"0:weight: PEFT has no LoRA for ConvTranspose layers"),
         (lambda: nn.Sequential(nn.Conv2d(4, 8, 3, groups=2)), None, False, r"0:weight: a grouped conv \(groups=2\)"),
         (lambda: nn.Linear(4, 4), None, False, r"<root>:weight: PEFT cannot adapt the model's root module"),
@@ -392,6 +392,18 @@ def test_export_refuses_what_peft_computes_otherwise(tmp_path, make, targets, do
     with pytest.raises(la.ExportError, match=match):
         la.save_adapter(model, tmp_path / "peft", format="peft")
     assert not (tmp_path / "peft").exists()
+
+
+def test_tied_modules_to_save_are_refused_both_ways(tmp_path):
+    """GPT-2's LM head shares its weight with the token embedding: PEFT trains a copy
+    of a module to save, so the embedding would keep the old weight."""
+    model = la.apply(gpt2(), rank=2, targets="*.c_attn", trainable="lm_head")
+    with pytest.raises(
+        la.ExportError, match=r"lm_head \(trainable\): its parameters are shared with a module outside it \(Embedding; tied weights\)"
+    ):
+        la.save_adapter(model, tmp_path / "peft", format="peft")
+    peft_folder(gpt2, tmp_path / "from_peft", r=2, target_modules=["c_attn"], modules_to_save=["lm_head"])
+    assert_import_refused(gpt2, TOKENS, tmp_path / "from_peft", r"lm_head \(module to save\): its parameters are shared")
 
 
 def test_export_refuses_a_layer_whose_parent_reads_its_weight_itself(tmp_path):
@@ -589,7 +601,7 @@ def test_import_beside_an_adapter_and_under_another_name(tmp_path):
 
 
 def test_native_and_peft_round_trips_give_the_same_adapter(tmp_path):
-    """native → PEFT → native and PEFT → native → PEFT keep every output."""
+    """native → PEFT → native → PEFT keeps every output (the way back in bit for bit)."""
     model = la.apply(text_cnn(), rank=3, trainable="head")
     randomize(model)
     expected = run(model, WORDS)
@@ -653,7 +665,7 @@ def test_import_refuses_options_it_cannot_reproduce(tmp_path, change, match):
         (
             gpt2,
             dict(target_modules=["c_attn", "wte"]),
-            r"transformer.wte \(Embedding\): its weight is shared with a Linear \(tied weights\)",
+            r"transformer.wte \(Embedding\): its weight is shared with another module \(Linear; tied weights\)",
         ),
         (gpt2, dict(target_modules=["c_attn"], use_dora=True), r"DoRA on a transformers Conv1D"),
         (attention_block, dict(target_modules=["out_proj"]), r"its parent attn \(MultiheadAttention\) reads attn.out_proj's weight itself"),

@@ -448,7 +448,7 @@ def _options(file: Path) -> Options:
         options = Options(
             r=_positive_int(data.get("r", 8), "r"),
             alpha=_number(data.get("lora_alpha", 8), "lora_alpha"),
-            dropout=_number(data.get("lora_dropout", 0.0), "lora_dropout"),
+            dropout=_dropout(data.get("lora_dropout", 0.0)),
             target_modules=_names(data.get("target_modules"), "target_modules", regex=True),
             exclude_modules=_names(data.get("exclude_modules"), "exclude_modules", regex=True),
             target_parameters=_names(data.get("target_parameters"), "target_parameters") or [],
@@ -487,6 +487,13 @@ def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{what} must be a number, got {value!r}")
     return float(value)
+
+
+def _dropout(value: Any) -> float:
+    p = _number(value, "lora_dropout")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {value!r}")
+    return p
 
 
 def _names(value: Any, what: str, *, regex: bool = False, single: bool = False) -> Any:

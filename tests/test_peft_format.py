@@ -645,6 +645,8 @@ def test_import_refuses_other_peft_types(tmp_path, kind, config):
         ({"target_modules": "all-linear"}, r"target_modules='all-linear' is resolved by PEFT from the transformers model class"),
         ({"target_modules": None}, r"names no target_modules"),
         ({"r": "eight"}, r"not a valid PEFT LoRA config \(r must be a positive integer, got 'eight'\)"),
+        ({"lora_dropout": 1.5}, r"lora_dropout must be in \[0, 1\), got 1.5"),
+        ({"target_modules": "conv(("}, r"not a valid PEFT LoRA config"),
         ({"rank_pattern": {"(": 2}}, r"not a valid PEFT LoRA config"),
     ],
 )

@@ -4,7 +4,8 @@ import lora_anywhere as la
 la.apply(model, rank=8)          # adapters on every layer a rule knows; base frozen
 ...train...
 la.save_adapter(model, "adapter/")
-la.load_adapter(base_model, "adapter/")
+la.load_adapter(base_model, "adapter/")   # also reads Hugging Face PEFT LoRA folders
+la.save_adapter(model, "peft/", format="peft")  # a folder peft.PeftModel.from_pretrained loads
 la.merge(model); la.remove(model)
 """
 
@@ -12,6 +13,7 @@ from .api import adapter_names, apply, merge, remove, unmerge
 from .errors import (
     AdapterFileError,
     AlreadyAdaptedError,
+    ExportError,
     LazyLayerError,
     LoraError,
     NotAdaptedError,
@@ -73,4 +75,5 @@ __all__ = [
     "LazyLayerError",
     "AdapterFileError",
     "ShapeMismatchError",
+    "ExportError",
 ]

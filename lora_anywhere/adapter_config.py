@@ -1,6 +1,6 @@
 """What an adapter is, as data: enough to re-create it exactly on a fresh base model.
 
-Saved as ``adapter_config.json`` beside the tensors, and kept on the adapted model.
+Saved as ``lora_anywhere_config.json`` beside the tensors, and kept on the adapted model.
 A file is read through `AdapterConfig.from_json`, which checks every key, type and
 range before anything is built from it: adapter files are shared, and a config is
 untrusted input.

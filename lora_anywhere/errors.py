@@ -34,6 +34,10 @@ class ShapeMismatchError(AdapterFileError):
     or sizes); an `AdapterFileError` like every refusal of an adapter folder."""
 
 
+class ExportError(LoraError):
+    """An adapter cannot be written in the requested format exactly (some layers have no exact equivalent there)."""
+
+
 class PluginError(LoraError):
     """A plugin cannot be registered or unregistered as asked."""
 

@@ -9,6 +9,13 @@ shapes; floating dtypes; finite values — and `load_adapter` then checks that i
 the model (layers, rules, shapes, trainable modules, buffers). Only then is the model
 changed: every refusal is an `AdapterFileError` (`ShapeMismatchError` when the
 adapter belongs to another architecture) and leaves the model as it was.
+
+Two folder formats exist, told apart by their file names: the native one
+(``lora_anywhere_config.json`` + ``lora_anywhere_adapter.safetensors``) and Hugging
+Face PEFT's (``adapter_config.json`` with a ``peft_type`` + ``adapter_model.safetensors``,
+see `peft_format`). Native folders written before the rename used PEFT's file names
+(their config has a ``format`` of ``lora_anywhere.adapter/…`` and no ``peft_type``);
+they still load.
 """
 
 from __future__ import annotations
@@ -34,8 +41,11 @@ from .plan import LayerPlan, activation_owners, resolve_targets
 from .registry import registry
 from .state import base_tensors, changed_buffers, is_under, model_state, trainable_modules, under_any, unwrap
 
-CONFIG_FILE = "adapter_config.json"
-TENSORS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "lora_anywhere_config.json"
+TENSORS_FILE = "lora_anywhere_adapter.safetensors"
+#: The names native folders had before: PEFT's, which PEFT then could not read. Read, never written.
+LEGACY_FILES = ("adapter_config.json", "adapter_model.safetensors")
+FORMATS = ("native", "peft")
 #: Larger configs are refused unread (a model with 100,000 adapted layers needs ~30 MB).
 MAX_CONFIG_BYTES = 64 << 20
 #: Key prefixes in the tensors file: adapter factors, `trainable` modules, base buffers.
@@ -87,9 +97,23 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
     return out
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
-    """Write the adapter to folder `path` (``adapter_model.safetensors`` and
-    ``adapter_config.json``), atomically. Returns the folder."""
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, name: str | None = None, *, format: str = "native", strict: bool = True
+) -> Path:
+    """Write the adapter to folder `path`, atomically, and return the folder.
+
+    ``format="native"`` (the default) writes ``lora_anywhere_adapter.safetensors`` and
+    ``lora_anywhere_config.json``; ``format="peft"`` writes a Hugging Face PEFT LoRA
+    folder that ``peft.PeftModel.from_pretrained(base, path)`` loads with the same
+    outputs. A layer PEFT cannot express exactly is refused (`ExportError`, listing
+    each); with ``strict=False`` the others are written and a warning names each one
+    left out."""
+    if format not in FORMATS:
+        raise LoraError(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
+    if format == "peft":
+        from .peft_format import save_peft
+
+        return save_peft(unwrap(model), path, name, strict=strict)
     tensors, config = _prepared(model, name)
     with atomic_dir(path) as tmp:
         _write(tmp, tensors, config)
@@ -129,21 +153,30 @@ def _write(folder: Path, tensors: dict[str, torch.Tensor], config: AdapterConfig
 # ---------------------------------------------------------------------- reading
 
 
+def _native_files(folder: Path) -> tuple[str, str]:
+    """The config and tensor file names of the native adapter in `folder`: today's, or the legacy ones."""
+    if not (folder / CONFIG_FILE).is_file() and (folder / LEGACY_FILES[0]).is_file():
+        return LEGACY_FILES
+    return CONFIG_FILE, TENSORS_FILE
+
+
 def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-    """Read a saved adapter's config and tensors and check them against each other;
-    `AdapterFileError` for anything off. This is the one way in for an adapter file."""
+    """Read a saved native adapter's config and tensors and check them against each
+    other; `AdapterFileError` for anything off. This is the one way in for a native
+    adapter file (PEFT folders come in through `peft_format.read_peft`)."""
     folder = recover(Path(path))  # a write that died between two renames
     how = f"expected a folder with {CONFIG_FILE} and {TENSORS_FILE}, as written by lora_anywhere.save_adapter"
     if not folder.is_dir():
         raise AdapterFileError(f"no adapter at {folder}: {how}")
-    for file in (CONFIG_FILE, TENSORS_FILE):
+    config_file, tensors_file = _native_files(folder)
+    for file in (config_file, tensors_file):
         if not (folder / file).is_file():
             raise AdapterFileError(f"{folder} has no {file}: {how}")
-    config = _read_config(folder / CONFIG_FILE)
+    config = _read_config(folder / config_file)
     try:
-        tensors = load_file(str(folder / TENSORS_FILE))
+        tensors = load_file(str(folder / tensors_file))
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
-        raise AdapterFileError(f"{folder / TENSORS_FILE} is corrupt or not a safetensors file ({exc}); save the adapter again") from exc
+        raise AdapterFileError(f"{folder / tensors_file} is corrupt or not a safetensors file ({exc}); save the adapter again") from exc
     _refuse(folder, _file_problems(config, tensors), "is not a consistent adapter", "save the adapter again", AdapterFileError)
     return config, tensors
 
@@ -217,13 +250,23 @@ def _refuse(where: Any, problems: list[str], what: str, fix: str, error: type[Ad
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> nn.Module:
     """Re-create a saved adapter on a plain base model and load its tensors.
 
-    The whole folder is checked first, then every layer, rule, shape, trainable module
-    and buffer against the model; a mismatch raises `ShapeMismatchError` naming each
-    difference, anything else wrong with the folder `AdapterFileError`, and either
-    leaves the model exactly as it was."""
+    `path` is a native folder or a Hugging Face PEFT LoRA folder (recognised by the
+    ``peft_type`` in its ``adapter_config.json``; see `peft_format`), which is
+    translated into a native adapter first. The whole folder is checked first, then
+    every layer, rule, shape, trainable module and buffer against the model; a mismatch
+    raises `ShapeMismatchError` naming each difference, anything else wrong with the
+    folder `AdapterFileError`, and either leaves the model exactly as it was."""
+    from . import peft_format
+
     wrapper, model = model, unwrap(model)
     check_model(model)
-    config, tensors = read_adapter(path)
+    if peft_format.is_peft_folder(recover(Path(path))):
+        config, tensors = peft_format.read_peft(model, recover(Path(path)))
+        _refuse(
+            path, _file_problems(config, tensors), "does not translate into a consistent adapter", "report it as a bug", AdapterFileError
+        )
+    else:
+        config, tensors = read_adapter(path)
     if name is not None:
         check_name(name)
         config.name = name

@@ -190,7 +190,7 @@ def test_save_load_round_trip_and_files(tmp_path):
     randomize_adapters(model)
     expected = model(X)
     folder = la.save_adapter(model, tmp_path / "adapter")
-    config = json.loads((folder / "adapter_config.json").read_text())
+    config = json.loads((folder / "lora_anywhere_config.json").read_text())
     assert config["rank"] == 3 and config["layers"]["attn"]["rule"] == "torch.nn.MultiheadAttention"
     assert config["layers"]["stem"]["targets"]["weight"]["shape"] == [8, 3, 3, 3]
     assert config["library_version"] == la.__version__
@@ -239,14 +239,14 @@ def test_missing_and_corrupt_adapter_files(tmp_path):
     with pytest.raises(la.AdapterFileError, match="no adapter at"):
         la.load_adapter(make(), tmp_path / "nothing")
     folder = la.save_adapter(la.apply(make()), tmp_path / "a")
-    (folder / "adapter_model.safetensors").write_bytes(b"\x00" * 20)
+    (folder / "lora_anywhere_adapter.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(la.AdapterFileError, match="corrupt or not a safetensors file"):
         la.load_adapter(make(), folder)
-    (folder / "adapter_config.json").write_text("{not json")
+    (folder / "lora_anywhere_config.json").write_text("{not json")
     with pytest.raises(la.AdapterFileError, match="not a valid lora_anywhere adapter config"):
         la.load_adapter(make(), folder)
-    (folder / "adapter_config.json").unlink()
-    with pytest.raises(la.AdapterFileError, match="has no adapter_config.json"):
+    (folder / "lora_anywhere_config.json").unlink()
+    with pytest.raises(la.AdapterFileError, match="has no lora_anywhere_config.json"):
         la.load_adapter(make(), folder)
 
 

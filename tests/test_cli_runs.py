@@ -260,7 +260,7 @@ def test_train_under_torchrun_with_two_processes(tmp_path):
     assert "torch.distributed.run --standalone --nproc_per_node=2" in done.stdout
     assert done.stdout.count("epoch 1/2 ") == 1 and done.stdout.count("to merge it into plain weights") == 1
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert len(run["history"]) == 2 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert len(run["history"]) == 2 and (tmp_path / "run" / "adapter" / "lora_anywhere_adapter.safetensors").is_file()
     assert main(["merge", "--run", str(tmp_path / "run")]) == 0
 
 

@@ -44,11 +44,11 @@ def test_train_then_merge_each_example_config(domain, tmp_path, capsys):
     assert main(["train", str(config), "--out", str(out), "--epochs", "1"]) == 0
     printed = capsys.readouterr().out
     for name in (
-        "adapter/adapter_model.safetensors",
-        "adapter/adapter_config.json",
+        "adapter/lora_anywhere_adapter.safetensors",
+        "adapter/lora_anywhere_config.json",
         "metrics.csv",
         "curves.png",
-        "best/adapter_config.json",
+        "best/lora_anywhere_config.json",
         "last/trainer_state.pt",
         "run.json",
     ):
@@ -245,7 +245,8 @@ batch_size = 8
     assert main(["train", str(config), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert (
-        "21 training and 9 validation graphs, 3 classes" in out and (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+        "21 training and 9 validation graphs, 3 classes" in out
+        and (tmp_path / "out" / "adapter" / "lora_anywhere_adapter.safetensors").is_file()
     )
 
 

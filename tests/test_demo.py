@@ -87,7 +87,7 @@ def test_files_are_written(fast_demo):
         rows = list(csv.DictReader(f))
     assert len(rows) == 12 and {r["method"] for r in rows} == {"LoRA", "head only", "full FT"}
     for domain in DOMAINS:
-        assert (out / domain / "adapter" / "adapter_model.safetensors").is_file()
+        assert (out / domain / "adapter" / "lora_anywhere_adapter.safetensors").is_file()
         assert (out / domain / "lora" / "metrics.csv").is_file() and (out / domain / "full-ft" / "curves.png").is_file()
     assert f"written: {out / 'results.csv'}, {out / 'curves.png'}" in text
 

@@ -343,8 +343,8 @@ def test_interrupted_and_resumed_run_ends_identical(tmp_path: Path, where: str, 
     assert (state["epoch"], state["batch"] > 0) == ((1, True) if where == "train" else (2, False))
     second, history = _resumable_run(tmp_path / "b", train_at=None, val_at=None, loader=loader, resume=True)
     assert not second.interrupted
-    a = load_file(str(tmp_path / "a" / "last" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "last" / "adapter_model.safetensors"))
+    a = load_file(str(tmp_path / "a" / "last" / "lora_anywhere_adapter.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last" / "lora_anywhere_adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(v.abs().sum() > 0 for k, v in a.items() if k.endswith("/B"))  # it did train
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
@@ -386,7 +386,7 @@ def test_no_frozen_base_tensor_is_ever_written(tmp_path: Path) -> None:
             assert not (s.shape == tensor.shape and s.dtype == tensor.dtype and torch.equal(s, tensor)), (
                 f"{name} was written to a checkpoint"
             )
-    head = load_file(str(tmp_path / "best" / "adapter_model.safetensors"))
+    head = load_file(str(tmp_path / "best" / "lora_anywhere_adapter.safetensors"))
     assert "trainable/head.weight" in head  # the trainable module is saved
 
 
@@ -402,14 +402,14 @@ def test_nan_loss_stops_clearly_and_keeps_last_good_checkpoint(tmp_path: Path) -
         return loss * math.nan if calls["n"] == 7 else loss  # epoch 2 of 5 batches each
 
     trainer = Trainer(model, xor_data(40, 1), task=loss_fn, epochs=3, batch_size=8, out_dir=tmp_path)
-    good = load_file(str(tmp_path / "last" / "adapter_model.safetensors")) if (tmp_path / "last").exists() else None
+    good = load_file(str(tmp_path / "last" / "lora_anywhere_adapter.safetensors")) if (tmp_path / "last").exists() else None
     assert good is None
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 2, batch 2.*last good checkpoint is kept"):
         trainer.fit()
     state = torch.load(tmp_path / "last" / trainer_mod.STATE_FILE, weights_only=True)
     assert (state["epoch"], state["batch"]) == (1, 0)
     assert [set(r) for r in state["history"]] == [{"epoch", "train_loss", "lr", "seconds"}]  # a loss function has no metrics
-    saved = load_file(str(tmp_path / "last" / "adapter_model.safetensors"))
+    saved = load_file(str(tmp_path / "last" / "lora_anywhere_adapter.safetensors"))
     live = la.adapter_state_dict(model)
     # The model itself is one step past the checkpoint (5 in epoch 1 + 1), nothing more.
     assert any(not torch.equal(saved[k], live[k]) for k in saved)
@@ -431,7 +431,7 @@ def test_early_stopping_on_a_worsening_metric(tmp_path: Path) -> None:
 
     history = Trainer(model, xor_data(16, 1), xor_data(8, 2), task=loss_fn, epochs=10, batch_size=8, patience=2, out_dir=tmp_path).fit()
     assert len(history) == 3  # best at 1, then two epochs without improvement
-    assert (tmp_path / "best" / "adapter_config.json").is_file()
+    assert (tmp_path / "best" / "lora_anywhere_config.json").is_file()
 
 
 def test_jsonl_log_and_quiet_progress(tmp_path: Path, capsys: pytest.CaptureFixture, log_lines: list[str]) -> None:

@@ -93,14 +93,14 @@ def test_two_gloo_processes_end_with_identical_adapters(tmp_path: Path) -> None:
     assert [r["find_unused"] for r in reports] == [[False, True]] * 2
     assert reports[0]["history"] == reports[1]["history"]  # metrics reduced over both shards
     for kind in ("dataset", "list"):
-        a = load_file(str(tmp_path / f"{kind}-rank0" / "adapter_model.safetensors"))
-        b = load_file(str(tmp_path / f"{kind}-rank1" / "adapter_model.safetensors"))
+        a = load_file(str(tmp_path / f"{kind}-rank0" / "lora_anywhere_adapter.safetensors"))
+        b = load_file(str(tmp_path / f"{kind}-rank1" / "lora_anywhere_adapter.safetensors"))
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{kind}: {key} differs between ranks"
     # Rank 0 alone wrote the run's files, and they match what both ranks hold.
     run = tmp_path / "run"
     assert len((run / "metrics.csv").read_text().splitlines()) == 4
-    saved = load_file(str(run / "last" / "adapter_model.safetensors"))
-    a = load_file(str(tmp_path / "dataset-rank0" / "adapter_model.safetensors"))
+    saved = load_file(str(run / "last" / "lora_anywhere_adapter.safetensors"))
+    a = load_file(str(tmp_path / "dataset-rank0" / "lora_anywhere_adapter.safetensors"))
     assert all(torch.equal(saved[k], a[k]) for k in a)

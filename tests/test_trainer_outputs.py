@@ -62,7 +62,7 @@ def test_save_every_and_plot_every_bound_the_writes_of_a_long_run(tmp_path: Path
     assert len(plots) == 1 and (tmp_path / "curves.png").is_file()  # drawn once, at the end
     state = torch.load(tmp_path / "last" / trainer_mod.STATE_FILE, weights_only=True)
     assert state["epoch"] == 50 and len(state["history"]) == 50
-    assert (tmp_path / "best" / "adapter_config.json").is_file()  # the best epoch is still tracked
+    assert (tmp_path / "best" / "lora_anywhere_config.json").is_file()  # the best epoch is still tracked
     assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 51
 
     checkpoints.clear(), plots.clear()

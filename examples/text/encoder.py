@@ -60,7 +60,7 @@ def main() -> None:
     print(f"validation accuracy {history[-1]['val_accuracy']:.3f} (chance 0.5)")
 
     folder = la.save_adapter(model, f"{args.out}/adapter")
-    size = (folder / "adapter_model.safetensors").stat().st_size
+    size = (folder / "lora_anywhere_adapter.safetensors").stat().st_size
     print(f"adapter: {folder} ({size / 1024:.0f} KiB; the base model is {s.total_params * 4 / 1024:.0f} KiB)")
 
 

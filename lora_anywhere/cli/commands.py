@@ -73,7 +73,43 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(mermaid(model, depth=args.depth or None, direction=args.direction))
     else:
         print(summary(model))
+    if args.peft:
+        from ..peft_format import export_plan
+
+        print()
+        print(export_plan(model).describe())
     return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from ..io import load_adapter, save_adapter
+    from ..peft_format import export_plan, is_peft_folder
+
+    destination = Path(args.destination)
+    if destination.exists() and (not destination.is_dir() or (any(destination.iterdir()) and not _is_adapter_folder(destination))):
+        raise LoraError(f"{destination} exists and is not an adapter folder; convert into a new folder (its whole content is replaced)")
+    source = "a PEFT" if is_peft_folder(args.source) else "a lora_anywhere"
+    model = _model_spec(args).build()
+    load_adapter(model, args.source)
+    if args.to == "peft":
+        plan = export_plan(model)
+        save_adapter(model, destination, format="peft", strict=not args.partial)
+        left_out = f"; {len(plan.left_out)} adapted tensors left out, as listed above" if plan.left_out else ""
+        print(
+            f"wrote {destination}: a PEFT LoRA adapter with {len(plan.blocks)} LoRA layers and {len(plan.to_save)} modules to save{left_out}"
+        )
+        print(f"load it with peft.PeftModel.from_pretrained(base_model, {str(destination)!r})")
+    else:
+        save_adapter(model, destination)
+        print(f"wrote {destination}: a lora_anywhere adapter, from {source} folder")
+        print(f"load it with lora_anywhere.load_adapter(base_model, {str(destination)!r})")
+    return 0
+
+
+def _is_adapter_folder(folder: Path) -> bool:
+    from ..io import CONFIG_FILE, LEGACY_FILES
+
+    return (folder / CONFIG_FILE).is_file() or (folder / LEGACY_FILES[0]).is_file()
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -319,7 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--exclude", default=None, help="selectors of layers to leave alone, separated by ';'")
     p.add_argument("--trainable", default=None, help="modules to train fully, separated by ';' (e.g. 'fc')")
-    p.add_argument("--adapter", metavar="PATH", default=None, help="show a saved adapter folder loaded onto the model instead")
+    p.add_argument(
+        "--adapter",
+        metavar="PATH",
+        default=None,
+        help="show a saved adapter folder (lora_anywhere's or PEFT's) loaded onto the model instead",
+    )
     p.add_argument(
         "--format",
         choices=("table", "mermaid"),
@@ -330,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--depth", type=_count, default=3, help="mermaid: levels of the module tree to draw; deeper ones are folded (0: all; default 3)"
     )
     p.add_argument("--direction", choices=("LR", "TD"), default="LR", help="mermaid: left to right (default) or top down")
+    p.add_argument(
+        "--peft", action="store_true", help="also show what a PEFT export would keep, and each adapted tensor it would leave out and why"
+    )
     p.set_defaults(run=_cmd_inspect)
 
     p = sub.add_parser("train", help="train an adapter as a TOML config says: model, data, LoRA and trainer options",
@@ -384,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter",
         metavar="PATH",
         default=None,
-        help="adapter folder; with --run also adapter (default), best or last",
+        help="adapter folder (lora_anywhere's or a PEFT LoRA folder); with --run also adapter (default), best or last",
     )
     p.add_argument(
         "--out", metavar="FILE", default=None, help="where to write the merged weights, *.safetensors (--run: RUN_DIR/merged.safetensors)"
@@ -412,6 +456,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", default=None, help="write the CSV here instead of printing it")
     p.add_argument("--batch-size", type=_positive, default=32, help="default 32")
     p.set_defaults(run=_cmd_predict)
+
+    p = sub.add_parser("convert", help="convert an adapter folder between lora_anywhere's format and Hugging Face PEFT's",
+                       description="Load the adapter at SRC (a lora_anywhere or a PEFT LoRA folder) onto the base model and write it to DST "
+                       "in the other format, exactly: the PEFT folder loads with peft.PeftModel.from_pretrained, the lora_anywhere one with "
+                       "lora_anywhere.load_adapter, both giving the same outputs. Layers PEFT cannot express exactly are refused, each named "
+                       "(see `inspect --adapter SRC --peft`).")  # fmt: skip
+    p.add_argument("source", metavar="SRC", help="adapter folder to read (lora_anywhere or PEFT; told apart by their files)")
+    p.add_argument("destination", metavar="DST", help="folder to write, atomically (an existing adapter folder is replaced)")
+    p.add_argument("--to", required=True, choices=("peft", "native"), help="the format to write: peft (Hugging Face PEFT) or native")
+    p.add_argument(
+        "--model",
+        required=True,
+        help=f"{MODEL_HELP}; the base the adapter belongs to: PEFT names modules, which only the model resolves",
+    )
+    _add_model_args(p, weights=True)
+    p.add_argument(
+        "--partial",
+        action="store_true",
+        help="--to peft: write what PEFT can express and leave out the rest, naming each (default: refuse)",
+    )
+    p.set_defaults(run=_cmd_convert)
 
     p = sub.add_parser("plugins", help="list plugins, their status and the layer types they cover")
     p.add_argument("-v", "--verbose", action="store_true", help="also list every layer type")

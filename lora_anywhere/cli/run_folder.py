@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import io
 from ..atomic import atomic_file
 from ..errors import ConfigError
 from .model_spec import ModelSpec
@@ -39,7 +40,7 @@ class RunRecord:
         ``best`` or ``last`` inside the run folder, or a path."""
         name = name or "adapter"
         path = self.folder / name if name in CHECKPOINTS else Path(name)
-        if not (path / "adapter_config.json").is_file():
+        if not any((path / file).is_file() for file in (io.CONFIG_FILE, io.LEGACY_FILES[0])):  # native, legacy or PEFT
             raise ConfigError(f"no adapter at {path}; give adapter, best or last (folders of {self.folder}), or an adapter folder")
         return path
 

@@ -17,6 +17,7 @@ from .errors import (
     NotAdaptedError,
     RankError,
     ShapeMismatchError,
+    ShardingError,
     TargetError,
 )
 from .hookspecs import hookimpl
@@ -25,6 +26,7 @@ from .named import active_adapters, combine, delete_adapter, disabled, set_adapt
 from .registry import plugins, register_plugin, unregister_plugin
 from .rule import Rule, Target
 from .rules.torch_nn import ConvRule, LinearRule
+from .sharding import shard
 from .summary import Summary, summary
 from .training import regularize as regularize  # modules, reached as la.regularize and la.tasks
 from .training import tasks as tasks
@@ -52,6 +54,7 @@ __all__ = [
     "adapter_state_dict",
     "summary",
     "Summary",
+    "shard",
     "Trainer",
     "Task",
     "plugins",
@@ -70,4 +73,5 @@ __all__ = [
     "LazyLayerError",
     "AdapterFileError",
     "ShapeMismatchError",
+    "ShardingError",
 ]

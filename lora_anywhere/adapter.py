@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from .kernels import autocast_dtype
 from .rule import Rule
+from .sharding import is_sharded
 
 #: How an adapter reaches a layer's output (its compute route): added on the layer's
 #: activations, or through the weight the layer reads (W + ΔW). Both give the same numbers.
@@ -244,7 +245,7 @@ class LayerAdapter(nn.Module):
         common case — plain LoRA on a whole tensor — is one addmm: the same op that
         `merge_block` runs in place, so merged and unmerged agree to the bit."""
         blocks = [t for t in self.targets.values() if t.owner == owner and t.tensor == tensor]
-        if not blocks:
+        if not blocks or self._sharded(blocks):
             return w
         fast = self._addmm_factors(blocks[0], w) if len(blocks) == 1 and blocks[0].rows is None else None
         if fast is not None:
@@ -254,6 +255,11 @@ class LayerAdapter(nn.Module):
             with torch.autocast(w.device.type, enabled=False) if autocast else contextlib.nullcontext():
                 return torch.addmm(w.view(b.shape[0], -1), b, a, alpha=scale).view(w.shape)
         return w + self._blocks_delta(blocks, w)
+
+    def _sharded(self, blocks: list[ResolvedTarget]) -> bool:
+        """Whether FSDP2 holds some factor as a shard: while it swaps a layer's tensors
+        (whole ↔ shard) one by one, W can already be whole while A and B are not."""
+        return is_sharded(*(p for t in blocks for p in (self.factors[t.name].A, self.factors[t.name].B)))
 
     def _addmm_factors(self, t: ResolvedTarget, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         if self.dora or not block.is_contiguous():

@@ -16,6 +16,7 @@ from .adapter import LayerAdapter
 from .adapter_config import AdapterConfig, LayerRecord, TargetRecord
 from .errors import AlreadyAdaptedError, LoraError, NotAdaptedError, TargetError
 from .plan import ROUTE_LEAN, ROUTE_WEIGHT, ROUTES, LayerPlan, adaptable_summary, check_rank, plan_layers, resolve_trainable
+from .sharding import ADD_BEFORE_SHARDING, MERGE_SHARDED, refuse_sharded
 from .state import ModelState, adapted_layers, is_under, model_state, set_model_state
 from .version import __version__
 
@@ -81,6 +82,7 @@ def apply(
     the model is left exactly as it was.
     """
     route = _route_option(route, path)
+    refuse_sharded(*model.parameters(), what="adding an adapter", fix=ADD_BEFORE_SHARDING)
     rank_given = rank is not None
     rank = DEFAULT_RANK if rank is None else rank
     _check_options(rank, alpha, dropout, route, name)
@@ -223,6 +225,7 @@ def selected_adapters(model: nn.Module, name: str | None) -> list[tuple[str, nn.
 def shift_base(layer: nn.Module, adapter: LayerAdapter, sign: int) -> None:
     """Add (+1) or take out (-1) the adapter's ΔW in the layer's base tensors, in place."""
     for t in adapter.targets.values():
+        refuse_sharded(t.parameter_in(layer), what="merging", fix=MERGE_SHARDED)
         adapter.merge_block(t, t.block_in(layer), sign)
 
 

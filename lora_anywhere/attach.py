@@ -25,6 +25,7 @@ from torch import nn
 
 from .adapter import LayerAdapter
 from .errors import LoraError
+from .sharding import is_sharded, keep_sharded_class
 
 ADAPTERS = "lora_adapters"
 _LAYER = "_lora_layer"  # on a tensor owner: the layer whose adapters apply
@@ -48,8 +49,11 @@ def layer_adapters(layer: nn.Module) -> dict[str, LayerAdapter]:
 
 def effective_tensor(owner: nn.Module, tensor: str, *, include_activation: bool = True) -> torch.Tensor:
     """The tensor as the adapted model sees it: W plus every live adapter's ΔW (without
-    those the owner's own forward adds on the activations, if asked)."""
+    those the owner's own forward adds on the activations, if asked). A shard (FSDP2,
+    outside the forward) is returned as it is: ΔW is added where the tensor is whole."""
     w = owner._parameters[tensor]
+    if is_sharded(w):
+        return w
     layer = owner.__dict__[_LAYER]
     owner_name = owner.__dict__[_OWNER_NAME]
     for adapter in layer._modules[ADAPTERS].values():
@@ -204,7 +208,7 @@ def refresh(layer: nn.Module) -> None:
         forward = any(owner_name in a.activation_owners for a in live)
         names = tuple(sorted(tensors | ({"weight"} if forward else set())))
         if names:
-            owner.__class__ = adapted_class(base, names, forward)
+            owner.__class__ = keep_sharded_class(owner, adapted_class(base, names, forward))
             owner.__dict__[_LAYER] = layer
             owner.__dict__[_OWNER_NAME] = owner_name
             if forward:
@@ -212,17 +216,17 @@ def refresh(layer: nn.Module) -> None:
             else:
                 owner.__dict__.pop(_RULE, None)
         else:
-            owner.__class__ = base
+            owner.__class__ = keep_sharded_class(owner, base)
             for key in (_LAYER, _OWNER_NAME, _RULE):
                 owner.__dict__.pop(key, None)
     live_tensors = {(t.owner, t.tensor) for a in live for t in a.targets.values()}
     for module, owner_name, tensor in layer.__dict__.get(_TIED, ()):
         if (owner_name, tensor) in live_tensors:
-            module.__class__ = adapted_class(base_class(module), (tensor,), False)
+            module.__class__ = keep_sharded_class(module, adapted_class(base_class(module), (tensor,), False))
             module.__dict__[_LAYER] = layer
             module.__dict__[_OWNER_NAME] = owner_name
         else:
-            module.__class__ = base_class(module)
+            module.__class__ = keep_sharded_class(module, base_class(module))
             module.__dict__.pop(_LAYER, None)
             module.__dict__.pop(_OWNER_NAME, None)
     if not adapters:

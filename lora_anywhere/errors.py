@@ -33,6 +33,10 @@ class ShapeMismatchError(LoraError):
     """A saved adapter does not fit the model it is loaded onto."""
 
 
+class ShardingError(LoraError):
+    """An operation needs whole tensors but the model is sharded (FSDP2), or a sharded save failed."""
+
+
 class PluginError(LoraError):
     """A plugin cannot be registered or unregistered as asked."""
 

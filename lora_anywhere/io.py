@@ -22,6 +22,7 @@ from .atomic import atomic_dir
 from .errors import AdapterFileError, AlreadyAdaptedError, NotAdaptedError, ShapeMismatchError
 from .plan import LayerPlan, activation_owners, resolve_targets
 from .registry import registry
+from .sharding import ADD_BEFORE_SHARDING, gathered, refuse_sharded, reshard, write_on_one_rank
 from .state import model_state
 
 CONFIG_FILE = "adapter_config.json"
@@ -49,9 +50,10 @@ def _factor_key(layer: str, target: str, factor: str) -> str:
 def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors `save_adapter` writes: every A and B (and SVD starts and DoRA
     magnitudes), and the parameters and buffers (e.g. BatchNorm running statistics)
-    of the `trainable` modules."""
+    of the `trainable` modules. On a model sharded with FSDP2 they are shards."""
     name = _adapter_name(model, name)
     config = model_state(model).adapters[name]
+    reshard(model)  # FSDP2: every tensor a shard (DTensor), none freed while read
     out: dict[str, torch.Tensor] = {}
     for layer_name in config.layers:
         layer = model.get_submodule(layer_name)
@@ -66,13 +68,21 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
     """Write the adapter to folder `path` (``adapter_model.safetensors`` and
-    ``adapter_config.json``), atomically. Returns the folder."""
+    ``adapter_config.json``), atomically. Returns the folder. On a model sharded
+    with FSDP2, call it on every rank: they gather the adapter tensors (only those)
+    and rank 0 writes."""
     name = _adapter_name(model, name)
     config = model_state(model).adapters[name]
-    tensors = {k: v.cpu().contiguous().clone() for k, v in adapter_state_dict(model, name).items()}
-    with atomic_dir(path) as tmp:
-        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT, "adapter": name})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2, sort_keys=True))
+    # A sharded model (FSDP2): every rank gathers the adapter tensors, rank 0 writes.
+    whole, sharded = gathered(adapter_state_dict(model, name))
+    tensors = {k: v.cpu().contiguous().clone() for k, v in whole.items()}
+
+    def write() -> None:
+        with atomic_dir(path) as tmp:
+            save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT, "adapter": name})
+            (tmp / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2, sort_keys=True))
+
+    write_on_one_rank(sharded, write)
     return Path(path)
 
 
@@ -107,6 +117,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     Every layer, rule and shape is checked before the model is touched; a mismatch
     raises `ShapeMismatchError` naming each difference, and leaves the model as it was.
     """
+    refuse_sharded(*model.parameters(), what="loading an adapter", fix=ADD_BEFORE_SHARDING)
     config, tensors = read_adapter(path)
     if name is not None:
         config.name = name

@@ -4,7 +4,7 @@ What it trains is what `lora_anywhere.apply` left trainable (the adapters and th
 ``trainable`` modules); every other parameter and every frozen BatchNorm statistic
 stays exactly as loaded, so a checkpoint needs only the adapter. The loop is plain
 PyTorch: AdamW, warmup + cosine, accumulation, clipping, bf16 autocast on CUDA, DDP
-under torchrun. Checkpoints make a run resumable to the bit on CPU: the adapter,
+or FSDP2 under torchrun (`distributed.py`). Checkpoints make a run resumable to the bit on CPU: the adapter,
 optimizer, scheduler, RNG states and the position in the epoch are written together,
 atomically, and a NaN loss or Ctrl-C never overwrites the last good one.
 """
@@ -32,11 +32,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..atomic import atomic_dir, atomic_file
+from ..atomic import atomic_file
 from ..errors import AdapterFileError, LoraError, NonFiniteLossError, NotAdaptedError
 from ..io import adapter_state_dict, read_adapter, save_adapter
 from ..log import logger
 from ..state import model_state
+from . import distributed
 from .tasks import LoaderSpec, StepResult, Task, get_task
 
 STATE_FILE = "trainer_state.pt"
@@ -70,6 +71,9 @@ class Trainer:
     adapter) and ``last/`` (the adapter plus the state `resume=True` continues from).
     ``regularizer`` (a penalty ``f(model) -> tensor``, see `lora_anywhere.regularize`)
     with ``regularizer_weight`` λ trains on task loss + λ·penalty (``weight`` is its old name).
+    Under torchrun, ``strategy`` is ``"ddp"`` (a whole model per process) or ``"fsdp"``
+    (the model sharded with FSDP2, bf16 through its mixed-precision policy; see
+    `lora_anywhere.training.distributed`).
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class Trainer:
         regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
         regularizer_weight: float = 0.0,
         weight: float | None = None,
+        strategy: str = "ddp",
     ) -> None:
         _check(isinstance(epochs, int) and epochs >= 1, f"epochs must be a positive integer, got {epochs!r}")
         _check(isinstance(grad_accum, int) and grad_accum >= 1, f"grad_accum must be a positive integer, got {grad_accum!r}")
@@ -122,17 +127,19 @@ class Trainer:
         self.trainable_modules = sorted({m for config in state.adapters.values() for m in config.trainable})
 
         self.process_rank, self.world_size, self.device = _setup(device)
-        self.model = model.to(self.device)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.strategy = distributed.strategy(strategy, self.world_size, self.device)
+        self.precision = (
+            ("bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32") if precision == "auto" else precision
+        )
+        # Sharding replaces the parameters: the optimizer is built on what it leaves.
+        self.model = self.strategy.prepare(model.to(self.device), precision=self.precision, device=self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise NotAdaptedError("no parameter of the model requires grad: nothing to train")
         self.task = get_task(task)
         self.train_data, self.val_data = train_data, val_data
         self.epochs, self.grad_accum, self.clip, self.seed = epochs, grad_accum, clip, seed
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.precision = (
-            ("bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32") if precision == "auto" else precision
-        )
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.log_format = log_format
         # Bars on a terminal (or when asked); one logged line per epoch unless progress=False.
@@ -245,7 +252,7 @@ class Trainer:
                 seen = i + 1
                 group = self.grad_accum if n is None else min(self.grad_accum, n - (i // self.grad_accum) * self.grad_accum)
                 boundary = (i + 1) % self.grad_accum == 0 or i + 1 == n
-                sync = contextlib.nullcontext() if boundary or self._ddp is None else net.no_sync()
+                sync = contextlib.nullcontext() if boundary else self.strategy.no_sync(net)
                 with sync:
                     with self._autocast():
                         result = self.task.step(net, _to_device(batch, self.device), train=True)
@@ -324,7 +331,7 @@ class Trainer:
         better = self.best is None or (value < self.best if _minimise(self.monitor) else value > self.best)
         if better:
             self.best, self.bad_epochs = value, 0
-            if self.out_dir is not None and self.process_rank == 0:
+            if self.out_dir is not None and self.strategy.saves_on(self.process_rank):
                 save_adapter(self.model, self.out_dir / "best", name=self.adapter)
             return False
         self.bad_epochs += 1
@@ -339,9 +346,11 @@ class Trainer:
         batches = task.batches(data, train=False, spec=self._spec(0))
         bar = _bar(self.progress, total=_length(batches), initial=0, desc=desc)
         try:
-            for batch in batches:
+            for batch, counted in self.strategy.eval_batches(batches):
                 with self._autocast():
-                    totals.add(task.step(self.model, _to_device(batch, self.device), train=False))
+                    result = task.step(self.model, _to_device(batch, self.device), train=False)
+                if counted:
+                    totals.add(result)
                 if bar is not None:
                     bar.update(1)
         finally:
@@ -380,7 +389,7 @@ class Trainer:
     def _wrapped(self) -> nn.Module:
         """The model DDP runs, built once. Only parameters that require grad (adapters
         and ``trainable`` modules) get DDP's reduction hooks."""
-        if self.world_size == 1:
+        if self.world_size == 1 or self.strategy.sharded:
             return self.model
         if self._ddp is None:
             unused = self.find_unused_parameters
@@ -412,22 +421,18 @@ class Trainer:
     # ------------------------------------------------------------------ files
 
     def _save_checkpoint(self, position: dict[str, Any]) -> None:
-        if self.out_dir is None or self.process_rank != 0:
+        if self.out_dir is None or not self.strategy.saves_on(self.process_rank):
             return
         state = {
             "version": STATE_VERSION,
             **position,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.strategy.optimizer_state(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "history": self.history,
             "best": self.best,
             "bad_epochs": self.bad_epochs,
         }
-        # Adapter and trainer state go into one folder that replaces last/ whole, so a
-        # crash never pairs an adapter with another step's optimizer state.
-        with atomic_dir(self.out_dir / "last") as tmp:
-            save_adapter(self.model, tmp, name=self.adapter)  # replaces the empty tmp folder atomically
-            torch.save(state, tmp / STATE_FILE)
+        self.strategy.write_checkpoint(self.model, self.out_dir / "last", self.adapter, lambda tmp: torch.save(state, tmp / STATE_FILE))
 
     def _load_checkpoint(self) -> dict[str, Any] | None:
         assert self.out_dir is not None
@@ -442,7 +447,7 @@ class Trainer:
         if state.get("version") != STATE_VERSION:
             raise AdapterFileError(f"{folder / STATE_FILE} has version {state.get('version')!r}, expected {STATE_VERSION}")
         _copy_adapter(self.model, folder, self.adapter)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.history, self.best, self.bad_epochs = list(state["history"]), state["best"], state["bad_epochs"]
         if state["epoch"] >= self.epochs:
@@ -638,7 +643,7 @@ def _copy_adapter(model: nn.Module, folder: Path, name: str) -> None:
                 raise AdapterFileError(
                     f"the checkpoint in {folder} has {key} of shape {tuple(saved[key].shape)}, the model {tuple(tensor.shape)}"
                 )
-            tensor.copy_(saved[key])
+            distributed.copy_into(tensor, saved[key])
 
 
 def _schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:

@@ -41,6 +41,7 @@ class Case:
     inputs: Callable[[], tuple]
     loss: Callable[[object], torch.Tensor]
     note: str = ""
+    blocks: tuple[str, ...] = ()  # containers whose children activation checkpointing recomputes
 
 
 def _classify(out: object) -> torch.Tensor:
@@ -70,6 +71,7 @@ def cases(quick: bool) -> list[Case]:
             lambda: (torch.randn(8, 3, px, px),),
             _classify,
             f"{px} px, batch 8",
+            ("layer1", "layer2", "layer3", "layer4"),
         ),
         Case(
             "mobilenet_v3_large",
@@ -77,6 +79,7 @@ def cases(quick: bool) -> list[Case]:
             lambda: (torch.randn(8, 3, px, px),),
             _classify,
             f"{px} px, batch 8",
+            ("features",),
         ),
         Case(
             "vit_small",
@@ -84,6 +87,7 @@ def cases(quick: bool) -> list[Case]:
             lambda: (torch.randn(8, 3, vit_px, vit_px),),
             _classify,
             f"{vit_px} px, batch 8",
+            ("blocks",),
         ),
         Case(
             "swin_tiny",
@@ -91,6 +95,7 @@ def cases(quick: bool) -> list[Case]:
             lambda: (torch.randn(4, 3, vit_px, vit_px),),
             _classify,
             f"{vit_px} px, batch 4",
+            ("layers.0.blocks", "layers.1.blocks", "layers.2.blocks", "layers.3.blocks"),
         ),
         Case(
             "wav2vec2_base",
@@ -98,6 +103,7 @@ def cases(quick: bool) -> list[Case]:
             lambda: (torch.randn(2, int(16000 * seconds)),),
             _classify,
             f"{seconds:g} s audio, batch 2",
+            ("encoder.transformer.layers",),
         ),
         Case(
             "conformer",
@@ -105,6 +111,7 @@ def cases(quick: bool) -> list[Case]:
             lambda: (torch.randn(4, 200, 80), torch.full((4,), 200)),
             _classify,
             "4 × 200 frames",
+            ("encoder.conformer_layers",),
         ),
         Case(
             "gcn",
@@ -112,6 +119,7 @@ def cases(quick: bool) -> list[Case]:
             lambda: _graph(nodes, edges),
             _classify,
             f"{nodes // 1000}k nodes, {edges // 1000}k edges",
+            ("convs",),
         ),
         Case(
             "gat",
@@ -119,6 +127,7 @@ def cases(quick: bool) -> list[Case]:
             lambda: _graph(nodes, edges),
             _classify,
             f"{nodes // 1000}k nodes, {edges // 1000}k edges",
+            ("convs",),
         ),
         Case(
             "lstm_tagger", lambda: LSTMTagger(), lambda: (torch.randint(0, 5000, (16, 64)),), _classify, "2-layer BiLSTM 256, 16×64 tokens"
@@ -147,6 +156,32 @@ class LSTMTagger(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.lstm(self.embed(x))[0])
+
+
+def checkpoint_blocks(model: nn.Module, blocks: tuple[str, ...], keep: Callable[[tuple], None] | None = None) -> nn.Module:
+    """Recompute each child of the `blocks` containers in the backward
+    (torch.utils.checkpoint, non-reentrant) instead of keeping its activations. The
+    containers are found by name suffix, so a PEFT-wrapped model works too; `keep`
+    sees the inputs each checkpointed child holds on to."""
+    from torch.utils.checkpoint import checkpoint
+
+    def wrap(forward: Callable) -> Callable:
+        def run(*args, **kwargs):
+            if keep is not None:
+                keep(args)
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+        return run
+
+    found = 0
+    for name, module in model.named_modules():
+        if any(name == b or name.endswith("." + b) for b in blocks):
+            for child in module.children():
+                child.forward = wrap(child.forward)
+                found += 1
+    if not found:
+        raise ValueError(f"no block container {blocks} in {type(model).__name__}")
+    return model
 
 
 def bitfit(model: nn.Module) -> nn.Module:

@@ -9,6 +9,7 @@ Each rank writes what it found to OUT/rank<r>.json; the test reads and judges it
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import lora_anywhere as la
 from lora_anywhere import sharding
@@ -116,6 +118,7 @@ def cases() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], Any], dict[
         vit = lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=3)  # noqa: E731
         found["timm-vit"] = (vit, lambda: torch.randn(2, 3, 32, 32, generator=g), {"trainable": ["head"]}, None)
         found["timm-vit-blocks"] = (vit, lambda: torch.randn(2, 3, 32, 32, generator=g), {"trainable": ["head"]}, "blocks")
+        found["timm-vit-blocks-checkpointed"] = (vit, lambda: torch.randn(2, 3, 32, 32, generator=g), {"checkpoint": True}, "blocks")
     except ImportError:
         pass
     try:
@@ -175,6 +178,16 @@ def built(build: Callable[[], nn.Module], inputs: Any) -> nn.Module:
     return model.train()
 
 
+def checkpointed(build: Callable[[], nn.Module], blocks: str) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        model = build()
+        for block in model.get_submodule(blocks):
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        return model
+
+    return make
+
+
 def units_of(model: nn.Module, blocks: str | None) -> list[nn.Module] | None:
     return None if blocks is None else list(model.get_submodule(blocks))[::-1]
 
@@ -182,6 +195,8 @@ def units_of(model: nn.Module, blocks: str | None) -> list[nn.Module] | None:
 def check(name: str, build: Callable[[], nn.Module], make_inputs: Callable[[], Any], options: dict[str, Any], blocks: str | None, out: Path) -> dict[str, Any]:  # fmt: skip
     inputs = make_inputs()
     rank = options.pop("rank", 2)
+    if options.pop("checkpoint", False):  # activation checkpointing inside each FSDP unit
+        build = checkpointed(build, blocks)
     adapted = lambda: la.apply(built(build, inputs), rank=rank, **options)  # noqa: E731  # seeded: the same A everywhere
     model, single = adapted(), adapted()
     base_before = {k: v.clone() for k, v in model.state_dict().items() if "lora_adapters" not in k}

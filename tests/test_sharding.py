@@ -31,6 +31,7 @@ CASES = [
     "pyg-gat",
     "timm-vit",
     "timm-vit-blocks",
+    "timm-vit-blocks-checkpointed",
     "torchaudio-wav2vec2",
     "torchaudio-wav2vec2-layers",
 ]

@@ -26,6 +26,7 @@ from .named import active_adapters, combine, delete_adapter, disabled, set_adapt
 from .registry import plugins, register_plugin, unregister_plugin
 from .rule import Rule, Target
 from .rules.torch_nn import ConvRule, LinearRule
+from .serving import hotswap_adapter, per_sample
 from .sharding import shard
 from .summary import Summary, summary
 from .training import regularize as regularize  # modules, reached as la.regularize and la.tasks
@@ -55,6 +56,8 @@ __all__ = [
     "summary",
     "Summary",
     "shard",
+    "per_sample",
+    "hotswap_adapter",
     "Trainer",
     "Task",
     "plugins",

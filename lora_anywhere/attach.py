@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .adapter import LayerAdapter
+from .adapter import LayerAdapter, Term
 from .errors import LoraError
 from .sharding import is_sharded, keep_sharded_class
 
@@ -89,7 +89,15 @@ def _adapted_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         # No gradient to pay for: the layer's own forward reads W + ΔW (the property).
         return type(self).__lora_base__.forward(self, *args, **kwargs)
     terms = [a.activation_term(owner_name, weight.shape[0]) for a in adapters]
-    return rule.forward(self, weight, terms, *args, **kwargs)
+    if adapters[0].sample_mask is not None and not any(a.dropout_p and a.training for a in adapters) and rule.stacks_samples(self):
+        terms = [Term.stacked(terms)]
+    out = rule.forward(self, weight, terms, *args, **kwargs)
+    if any(t.adapter.sample_mask is not None and not t.selected for t in terms):
+        raise LoraError(
+            f"the rule {rule.name} does not apply per-sample adapters (its forward never calls Term.dropout or "
+            "Term.select_samples); run one adapter at a time with set_adapter"
+        )
+    return out
 
 
 def _weight_route_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:

@@ -137,6 +137,7 @@ def measure_case(case: Case, args: argparse.Namespace, dtype: torch.dtype | None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--gpu-sizes", action="store_true", help="a GPU's batch sizes (see train_step.SIZES)")
     parser.add_argument("--models", default=None)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--no-peft", action="store_true")
@@ -146,7 +147,7 @@ def main() -> None:
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
     results = []
-    for case in cases(args.quick):
+    for case in cases("gpu" if args.gpu_sizes else args.quick):
         if args.models and case.name not in args.models.split(","):
             continue
         result = measure_case(case, args, dtype)

@@ -39,7 +39,7 @@ stage() { # stage NAME SECONDS COMMAND...: run with a time limit, log, never sto
 
 if [ "$DEVICE" = cpu ]; then # the dry run: every benchmark once, smallest sizes and models
   stage tests 120 "$PY" -m pytest -q "$TESTS"
-  stage train-step 900 "$PY" bench/train_step.py --device cpu --dtype "$DTYPE" $SIZES --models conformer --repeats 1 --runs 1 --no-peft --compile --out "$OUT"
+  stage train-step 900 "$PY" bench/train_step.py --device cpu --dtype "$DTYPE" $SIZES --models gcn --repeats 1 --runs 1 --no-peft --compile --out "$OUT"
   stage memory 300 "$PY" bench/memory.py --device cpu --dtype "$DTYPE" $SIZES --models gcn --no-peft --out "$OUT"
   stage serving 300 "$PY" bench/serving.py --device cpu --dtype "$DTYPE" --quick --models vit_small --adapters 2 --batch 4 --repeats 1 --out "$OUT"
 else

@@ -23,7 +23,7 @@ from ..atomic import atomic_dir
 from ..errors import ConfigError, TaskError
 from ..io import save_adapter
 from ..log import logger
-from ..sharding import is_sharded, shard
+from ..sharding import is_sharded, shard, write_on_one_rank
 
 STRATEGIES = ("ddp", "fsdp")
 _END = object()
@@ -120,14 +120,16 @@ class ShardedStrategy(Strategy):
             return
         staging = folder.with_name(f".{folder.name}.adapter")
         save_adapter(model, staging, name=adapter)  # every rank gathers; rank 0 writes
-        if dist.get_rank() == 0:
+
+        def write() -> None:
             try:
                 with atomic_dir(folder) as tmp:
                     shutil.copytree(staging, tmp, dirs_exist_ok=True)
                     write_rest(tmp)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-        dist.barrier()
+
+        write_on_one_rank(True, write)  # every rank returns, or raises, when rank 0 is done
 
     def _any_rank(self, flag: bool) -> bool:
         t = torch.tensor([float(flag)], device=self.device)

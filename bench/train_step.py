@@ -2,18 +2,22 @@
 
     .venv/bin/python bench/train_step.py            # every model
     .venv/bin/python bench/train_step.py --quick    # fewer repeats, smaller models
+    .venv/bin/python bench/train_step.py --compile  # also floor, full FT and LoRA under torch.compile
+    .venv/bin/python bench/train_step.py --device cuda --dtype bf16   # on a GPU, bf16 autocast
 
 Every contender is a copy of the same model in this one process; their steps are
 interleaved (one step of each, round after round) so that drifting machine load hits
 them alike, and the median step time is reported, relative to the BitFit floor: only
 1-D parameters (biases, norms) train, so the backward runs through every layer but
 computes no weight gradient — no adapter that trains inside every layer can be cheaper.
-Writes bench/results/train_step.{md,json,png}.
+The steps are split into ``--runs`` consecutive groups; the spread is the range of the
+groups' medians. Writes bench/results/train_step[_cuda][_quick].{md,json,png}.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -41,6 +45,7 @@ class Case:
     inputs: Callable[[], tuple]
     loss: Callable[[object], torch.Tensor]
     note: str = ""
+    blocks: tuple[str, ...] = ()  # containers whose children activation checkpointing recomputes
 
 
 def _classify(out: object) -> torch.Tensor:
@@ -53,51 +58,64 @@ def _graph(nodes: int, edges: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(nodes, 128, generator=g), torch.randint(0, nodes, (2, edges), generator=g)
 
 
-def cases(quick: bool) -> list[Case]:
+#: Input sizes: "quick" (a few minutes on CPU), "full" (the CPU tables), "gpu" (a GPU's
+#: batch: 64 images at 224 px, 16 × 1 s of audio, 200k-node graphs).
+SIZES = {
+    "quick": dict(px=96, vit_px=112, seconds=0.5, nodes=5_000, edges=50_000, batch=8, audio=2),
+    "full": dict(px=160, vit_px=224, seconds=1.0, nodes=20_000, edges=200_000, batch=8, audio=2),
+    "gpu": dict(px=224, vit_px=224, seconds=1.0, nodes=200_000, edges=2_000_000, batch=64, audio=16),
+}
+
+
+def cases(quick: bool | str) -> list[Case]:
+    """The benchmark models at the sizes `quick` names (True: "quick", False: "full")."""
     import timm
     import torchaudio
     import torchvision
     from torch_geometric.nn.models import GAT, GCN
 
-    px = 96 if quick else 160
-    vit_px = 112 if quick else 224
-    seconds = 0.5 if quick else 1.0
-    nodes, edges = (5_000, 50_000) if quick else (20_000, 200_000)
+    size = SIZES[quick if isinstance(quick, str) else ("quick" if quick else "full")]
+    px, vit_px, seconds, nodes, edges, batch, audio = (size[k] for k in ("px", "vit_px", "seconds", "nodes", "edges", "batch", "audio"))
     return [
         Case(
             "resnet50",
             lambda: torchvision.models.resnet50(num_classes=10),
-            lambda: (torch.randn(8, 3, px, px),),
+            lambda: (torch.randn(batch, 3, px, px),),
             _classify,
-            f"{px} px, batch 8",
+            f"{px} px, batch {batch}",
+            ("layer1", "layer2", "layer3", "layer4"),
         ),
         Case(
             "mobilenet_v3_large",
             lambda: torchvision.models.mobilenet_v3_large(num_classes=10),
-            lambda: (torch.randn(8, 3, px, px),),
+            lambda: (torch.randn(batch, 3, px, px),),
             _classify,
-            f"{px} px, batch 8",
+            f"{px} px, batch {batch}",
+            ("features",),
         ),
         Case(
             "vit_small",
             lambda: timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10, img_size=vit_px),
-            lambda: (torch.randn(8, 3, vit_px, vit_px),),
+            lambda: (torch.randn(batch, 3, vit_px, vit_px),),
             _classify,
-            f"{vit_px} px, batch 8",
+            f"{vit_px} px, batch {batch}",
+            ("blocks",),
         ),
         Case(
             "swin_tiny",
             lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, img_size=vit_px),
-            lambda: (torch.randn(4, 3, vit_px, vit_px),),
+            lambda: (torch.randn(batch // 2, 3, vit_px, vit_px),),
             _classify,
-            f"{vit_px} px, batch 4",
+            f"{vit_px} px, batch {batch // 2}",
+            ("layers.0.blocks", "layers.1.blocks", "layers.2.blocks", "layers.3.blocks"),
         ),
         Case(
             "wav2vec2_base",
             lambda: torchaudio.models.wav2vec2_base(aux_num_out=10),
-            lambda: (torch.randn(2, int(16000 * seconds)),),
+            lambda: (torch.randn(audio, int(16000 * seconds)),),
             _classify,
-            f"{seconds:g} s audio, batch 2",
+            f"{seconds:g} s audio, batch {audio}",
+            ("encoder.transformer.layers",),
         ),
         Case(
             "conformer",
@@ -105,6 +123,7 @@ def cases(quick: bool) -> list[Case]:
             lambda: (torch.randn(4, 200, 80), torch.full((4,), 200)),
             _classify,
             "4 × 200 frames",
+            ("encoder.conformer_layers",),
         ),
         Case(
             "gcn",
@@ -112,6 +131,7 @@ def cases(quick: bool) -> list[Case]:
             lambda: _graph(nodes, edges),
             _classify,
             f"{nodes // 1000}k nodes, {edges // 1000}k edges",
+            ("convs",),
         ),
         Case(
             "gat",
@@ -119,6 +139,7 @@ def cases(quick: bool) -> list[Case]:
             lambda: _graph(nodes, edges),
             _classify,
             f"{nodes // 1000}k nodes, {edges // 1000}k edges",
+            ("convs",),
         ),
         Case(
             "lstm_tagger", lambda: LSTMTagger(), lambda: (torch.randint(0, 5000, (16, 64)),), _classify, "2-layer BiLSTM 256, 16×64 tokens"
@@ -149,6 +170,32 @@ class LSTMTagger(nn.Module):
         return self.head(self.lstm(self.embed(x))[0])
 
 
+def checkpoint_blocks(model: nn.Module, blocks: tuple[str, ...], keep: Callable[[tuple], None] | None = None) -> nn.Module:
+    """Recompute each child of the `blocks` containers in the backward
+    (torch.utils.checkpoint, non-reentrant) instead of keeping its activations. The
+    containers are found by name suffix, so a PEFT-wrapped model works too; `keep`
+    sees the inputs each checkpointed child holds on to."""
+    from torch.utils.checkpoint import checkpoint
+
+    def wrap(forward: Callable) -> Callable:
+        def run(*args, **kwargs):
+            if keep is not None:
+                keep(args)
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+        return run
+
+    found = 0
+    for name, module in model.named_modules():
+        if any(name == b or name.endswith("." + b) for b in blocks):
+            for child in module.children():
+                child.forward = wrap(child.forward)
+                found += 1
+    if not found:
+        raise ValueError(f"no block container {blocks} in {type(model).__name__}")
+    return model
+
+
 def bitfit(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(p.dim() == 1)
@@ -169,70 +216,125 @@ class Contender:
     error: str | None = None
     times: list[float] = field(default_factory=list)
     optimizer: torch.optim.Optimizer | None = None
+    run: Callable[..., object] | None = None  # the model, or its compiled form
 
 
-def contenders(case: Case, rank: int, with_peft: bool) -> list[Contender]:
+@dataclass
+class Setup:
+    """Where and how the steps run."""
+
+    device: str = "cpu"
+    dtype: str = "fp32"
+    compile: bool = False
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device, dtype=torch.bfloat16) if self.dtype == "bf16" else contextlib.nullcontext()
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
+#: The contenders that also run compiled with --compile.
+COMPILED = ("BitFit floor", "full fine-tuning", "lora_anywhere")
+
+
+def contenders(case: Case, rank: int, with_peft: bool, setup: Setup | None = None) -> list[Contender]:
+    setup = setup or Setup()
     torch.manual_seed(0)
     base = case.build()
     makers: dict[str, Callable[[nn.Module], nn.Module]] = {
         "full fine-tuning": lambda m: m,
         "BitFit floor": bitfit,
         "lora_anywhere": lambda m: la.apply(m, rank=rank),
-        "lora_anywhere, weight route": lambda m: la.apply(m, rank=rank, path="weight"),
+        "lora_anywhere, weight route": lambda m: la.apply(m, rank=rank, route="weight"),
     }
     if with_peft:
         makers["PEFT LoRA"] = lambda m: peft_lora(m, rank)
+    plan = [(name, make, False) for name, make in makers.items()]
+    if setup.compile:
+        plan += [(f"{name}, compiled", makers[name], True) for name in COMPILED]
     out = []
-    for name, make in makers.items():
+    for name, make, compiled in plan:
         try:
-            model = make(copy.deepcopy(base)).train()
+            model = make(copy.deepcopy(base)).to(setup.device).train()
             params = [p for p in model.parameters() if p.requires_grad]
-            out.append(Contender(name, model, optimizer=torch.optim.AdamW(params, lr=1e-4)))
+            run = torch.compile(model) if compiled else model
+            out.append(Contender(name, model, optimizer=torch.optim.AdamW(params, lr=1e-4), run=run))
         except Exception as exc:  # PEFT refuses some layers: report, don't crash
             out.append(Contender(name, None, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"))
     return out
 
 
-def step(c: Contender, case: Case, inputs: tuple) -> float:
+def step(c: Contender, case: Case, inputs: tuple, setup: Setup | None = None) -> float:
+    setup = setup or Setup()
+    setup.sync()
     start = time.perf_counter()
     c.optimizer.zero_grad(set_to_none=True)
-    loss = case.loss(c.model(*inputs))
+    with setup.autocast():
+        loss = case.loss(c.run(*inputs))
     loss.backward()
     c.optimizer.step()
+    setup.sync()
     return time.perf_counter() - start
 
 
-def run_case(case: Case, rank: int, repeats: int, with_peft: bool) -> dict:
-    all_contenders = contenders(case, rank, with_peft)
+def spread(times: list[float], runs: int) -> tuple[float, float]:
+    """The lowest and highest median of `runs` consecutive groups of the steps."""
+    size = max(1, len(times) // runs)
+    medians = [statistics.median(times[i : i + size]) for i in range(0, size * runs, size) if times[i : i + size]]
+    return min(medians), max(medians)
+
+
+def run_case(case: Case, rank: int, repeats: int, with_peft: bool, setup: Setup | None = None, runs: int = 3) -> dict:
+    setup = setup or Setup()
+    all_contenders = contenders(case, rank, with_peft, setup)
     live = [c for c in all_contenders if c.model is not None]
     torch.manual_seed(1)
-    inputs = case.inputs()
-    for c in live:  # warm-up
-        for _ in range(2):
-            step(c, case, inputs)
+    inputs = tuple(t.to(setup.device) for t in case.inputs())
+    for c in list(live):  # warm-up (and compilation)
+        try:
+            for _ in range(2):
+                step(c, case, inputs, setup)
+        except Exception as exc:  # a compiler that fails on this model: report it
+            c.model, c.error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            live.remove(c)
     for round_ in range(repeats):
         # Each round starts with the next contender, so none always runs right after
         # the same neighbour (big graph steps showed order effects of up to 25 %).
         for c in live[round_ % len(live) :] + live[: round_ % len(live)]:
-            c.times.append(step(c, case, inputs))
-    floor = statistics.median(next(c for c in live if c.name == "BitFit floor").times)
+            c.times.append(step(c, case, inputs, setup))
+    medians = {c.name: statistics.median(c.times) for c in live}
     rows = {}
     for c in all_contenders:
         if c.model is None:
             rows[c.name] = {"error": c.error}
             continue
-        median = statistics.median(c.times)
+        floor_name = "BitFit floor, compiled" if c.name.endswith(", compiled") else "BitFit floor"
+        full_name = "full fine-tuning, compiled" if c.name.endswith(", compiled") else "full fine-tuning"
+        floor, full = medians.get(floor_name), medians.get(full_name)
+        low, high = spread(c.times, runs)
+        median = medians[c.name]
         trainable = sum(p.numel() for p in c.model.parameters() if p.requires_grad)
-        rows[c.name] = {"median_s": median, "ratio_to_floor": median / floor, "trainable_params": trainable}
-    return {"case": case.name, "note": case.note, "rank": rank, "repeats": repeats, "contenders": rows}
+        rows[c.name] = {
+            "median_s": median,
+            "ratio_to_floor": median / floor if floor else None,
+            "floor_spread": [low / floor, high / floor] if floor else None,
+            "ratio_to_full": median / full if full else None,
+            "ratio_to_peft": median / medians["PEFT LoRA"] if "PEFT LoRA" in medians else None,
+            "trainable_params": trainable,
+        }
+    return {"case": case.name, "note": case.note, "rank": rank, "repeats": repeats, "runs": runs, "contenders": rows}
 
 
 @torch.no_grad()
-def inference(case: Case, rank: int, repeats: int) -> dict:
+def inference(case: Case, rank: int, repeats: int, setup: Setup | None = None) -> dict:
     """Eval-mode forward of the base model, the adapted model unmerged, and merged,
-    interleaved; and the time `apply` takes on a fresh copy (median of 3)."""
+    interleaved (and each compiled, with --compile); and the time `apply` takes on a
+    fresh copy (median of 3)."""
+    setup = setup or Setup()
     torch.manual_seed(0)
-    base = case.build().eval()
+    base = case.build().eval().to(setup.device)
     applies = []
     for _ in range(3):
         fresh = copy.deepcopy(base)
@@ -241,43 +343,60 @@ def inference(case: Case, rank: int, repeats: int) -> dict:
         applies.append(time.perf_counter() - start)
     unmerged = copy.deepcopy(fresh).eval()
     merged = la.merge(copy.deepcopy(fresh)).eval()
-    inputs = case.inputs()
-    models = {"base": base, "unmerged": unmerged, "merged": merged}
+    inputs = tuple(t.to(setup.device) for t in case.inputs())
+    models: dict[str, Callable] = {"base": base, "unmerged": unmerged, "merged": merged}
+    if setup.compile:
+        models.update({f"{k} compiled": torch.compile(m) for k, m in list(models.items())})
     times: dict[str, list[float]] = {k: [] for k in models}
-    for round_ in range(repeats + 1):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model(*inputs)
-            if round_:  # the first round warms up
-                times[name].append(time.perf_counter() - start)
-    base_s = statistics.median(times["base"])
-    return {
-        "apply_ms": 1000 * statistics.median(applies),
-        **{f"{k}_ms": 1000 * statistics.median(v) for k, v in times.items()},
-        "unmerged_ratio": statistics.median(times["unmerged"]) / base_s,
-        "merged_ratio": statistics.median(times["merged"]) / base_s,
-    }
+    with setup.autocast():
+        for round_ in range(repeats + 2):
+            for name, model in models.items():
+                setup.sync()
+                start = time.perf_counter()
+                model(*inputs)
+                setup.sync()
+                if round_ > 1:  # the first rounds warm up (and compile)
+                    times[name].append(time.perf_counter() - start)
+    out = {"apply_ms": 1000 * statistics.median(applies), **{f"{k}_ms": 1000 * statistics.median(v) for k, v in times.items()}}
+    for kind in ("", " compiled"):
+        if f"base{kind}" in times:
+            base_s = statistics.median(times[f"base{kind}"])
+            for k in ("unmerged", "merged"):
+                out[f"{k}{kind.replace(' ', '_')}_ratio"] = statistics.median(times[f"{k}{kind}"]) / base_s
+    return out
+
+
+def _cell(c: dict) -> str:
+    if "error" in c:
+        return f"refuses ({c['error'][:60]})"
+    low, high = c["floor_spread"]
+    return f"{c['ratio_to_floor']:.2f}× ({low:.2f}–{high:.2f}), {1000 * c['median_s']:.0f} ms"
 
 
 def markdown(results: list[dict]) -> str:
-    names = list(results[0]["contenders"])
-    lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    names = list(dict.fromkeys(n for r in results for n in r["contenders"]))
+    lines = ["| model | " + " | ".join(names) + " | LoRA ÷ full FT | LoRA ÷ PEFT |", "|---|" + "---|" * (len(names) + 2)]
     for r in results:
-        cells = []
-        for n in names:
-            c = r["contenders"].get(n, {})
-            cells.append(f"refuses ({c['error'][:60]})" if "error" in c else f"{c['ratio_to_floor']:.2f}× ({1000 * c['median_s']:.0f} ms)")
-        lines.append(f"| {r['case']} ({r['note']}) | " + " | ".join(cells) + " |")
+        cells = [_cell(r["contenders"][n]) if n in r["contenders"] else "–" for n in names]
+        lora = r["contenders"].get("lora_anywhere", {})
+        full = f"{lora['ratio_to_full']:.2f}" if lora.get("ratio_to_full") else "–"
+        if lora.get("ratio_to_full") and r["contenders"].get("lora_anywhere, compiled", {}).get("ratio_to_full"):
+            full += f" (compiled {r['contenders']['lora_anywhere, compiled']['ratio_to_full']:.2f})"
+        peft = f"{lora['ratio_to_peft']:.2f}" if lora.get("ratio_to_peft") else "PEFT refuses"
+        lines.append(f"| {r['case']} ({r['note']}) | " + " | ".join(cells) + f" | {full} | {peft} |")
     return "\n".join(lines)
 
 
 def inference_markdown(results: list[dict]) -> str:
-    lines = ["| model | base forward | unmerged | merged | apply |", "|---|---|---|---|---|"]
+    compiled = "unmerged_compiled_ratio" in results[0]["inference"]
+    extra = " unmerged, compiled | merged, compiled |" if compiled else ""
+    lines = ["| model | base forward | unmerged | merged | apply |" + extra, "|---|---|---|---|---|" + ("---|---|" if compiled else "")]
     for r in results:
         i = r["inference"]
-        lines.append(
-            f"| {r['case']} | {i['base_ms']:.0f} ms | {i['unmerged_ratio']:.2f}× | {i['merged_ratio']:.2f}× | {i['apply_ms']:.0f} ms |"
-        )
+        row = f"| {r['case']} | {i['base_ms']:.0f} ms | {i['unmerged_ratio']:.2f}× | {i['merged_ratio']:.2f}× | {i['apply_ms']:.0f} ms |"
+        if compiled:
+            row += f" {i['unmerged_compiled_ratio']:.2f}× | {i['merged_compiled_ratio']:.2f}× |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -288,15 +407,15 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    names = [n for n in results[0]["contenders"] if n != "BitFit floor"]
+    names = [n for n in dict.fromkeys(n for r in results for n in r["contenders"]) if not n.startswith("BitFit floor")]
     fig, ax = plt.subplots(figsize=(11, 4.2))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(results))]
-        ys = [r["contenders"][name].get("ratio_to_floor", 0.0) for r in results]
+        ys = [r["contenders"].get(name, {}).get("ratio_to_floor") or 0.0 for r in results]
         ax.bar(xs, ys, width, label=name)
         for x, r in zip(xs, results):
-            if "error" in r["contenders"][name]:
+            if "error" in r["contenders"].get(name, {}):
                 ax.text(x, 0.05, "refuses", rotation=90, ha="center", va="bottom", fontsize=7)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.axhline(1.1, color="gray", linewidth=0.8, linestyle="--")
@@ -312,6 +431,7 @@ def plot(results: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller inputs and fewer repeats (a few minutes)")
+    parser.add_argument("--gpu-sizes", action="store_true", help="a GPU's batch sizes (64 images at 224 px, 200k-node graphs)")
     parser.add_argument(
         "--models",
         default=None,
@@ -322,28 +442,27 @@ def main() -> None:
     parser.add_argument("--no-peft", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the JSON of the last run")
+    parser.add_argument("--runs", type=int, default=3, help="groups of steps whose medians give the spread")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: steps under bf16 autocast")
+    parser.add_argument("--compile", action="store_true", help="also the floor, full fine-tuning and LoRA under torch.compile")
+    parser.add_argument("--no-inference", action="store_true")
     args = parser.parse_args()
-    stem = "train_step_quick" if args.quick else "train_step"
+    setup = Setup(args.device, args.dtype, args.compile)
+    stem = "train_step" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "")
     if args.plot_only:
         plot(json.loads((args.out / f"{stem}.json").read_text())["results"], args.out / f"{stem}.png")
         return
     repeats = args.repeats or (5 if args.quick else 15)
-    selected = [c for c in cases(args.quick) if not args.models or c.name in args.models.split(",")]
+    selected = [c for c in cases("gpu" if args.gpu_sizes else args.quick) if not args.models or c.name in args.models.split(",")]
     results = []
     for case in selected:
         print(f"== {case.name} ({case.note})", flush=True)
-        result = run_case(case, args.rank, repeats, with_peft=not args.no_peft)
-        result["inference"] = inference(case, args.rank, repeats)
+        result = run_case(case, args.rank, repeats, not args.no_peft, setup, args.runs)
+        if not args.no_inference:
+            result["inference"] = inference(case, args.rank, repeats, setup)
         for name, row in result["contenders"].items():
-            print(
-                f"   {name:<28} "
-                + (
-                    f"refuses: {row['error']}"
-                    if "error" in row
-                    else f"{row['ratio_to_floor']:.2f}× floor ({1000 * row['median_s']:.0f} ms)"
-                ),
-                flush=True,
-            )
+            print(f"   {name:<36} " + (f"refuses: {row['error']}" if "error" in row else _cell(row)), flush=True)
         results.append(result)
     meta = {
         "torch": torch.__version__,
@@ -351,14 +470,22 @@ def main() -> None:
         "machine": platform.machine(),
         "python": sys.version.split()[0],
         "quick": args.quick,
+        "device": args.device,
+        "dtype": args.dtype,
+        "compile": args.compile,
+        "runs": args.runs,
     }
     with atomic_file(args.out / f"{stem}.json") as tmp:
         tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     text = (
-        f"Train step, median of {repeats} interleaved steps, relative to the BitFit floor. {meta}\n\n"
+        f"Train step, median of {repeats} interleaved steps relative to the BitFit floor (compiled ones: to the compiled floor), "
+        f"with the range of the medians of {args.runs} groups of steps. {meta}\n\n"
         + markdown(results)
-        + "\n\nInference (eval, no grad), relative to the base model, and the time of `apply`:\n\n"
-        + inference_markdown(results)
+        + (
+            ""
+            if args.no_inference
+            else "\n\nInference (eval, no grad), relative to the base model, and the time of `apply`:\n\n" + inference_markdown(results)
+        )
         + "\n"
     )
     with atomic_file(args.out / f"{stem}.md") as tmp:

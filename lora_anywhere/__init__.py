@@ -19,6 +19,7 @@ from .errors import (
     NotAdaptedError,
     RankError,
     ShapeMismatchError,
+    ShardingError,
     TargetError,
 )
 from .hookspecs import hookimpl
@@ -27,6 +28,8 @@ from .named import active_adapters, combine, delete_adapter, disabled, set_adapt
 from .registry import plugins, register_plugin, unregister_plugin
 from .rule import Rule, Target
 from .rules.torch_nn import ConvRule, LinearRule
+from .serving import hotswap_adapter, per_sample
+from .sharding import shard
 from .summary import Summary, summary
 from .training import regularize as regularize  # modules, reached as la.regularize and la.tasks
 from .training import tasks as tasks
@@ -55,6 +58,9 @@ __all__ = [
     "adapter_state_dict",
     "summary",
     "Summary",
+    "shard",
+    "per_sample",
+    "hotswap_adapter",
     "Trainer",
     "Task",
     "find_lr",
@@ -76,4 +82,5 @@ __all__ = [
     "AdapterFileError",
     "ShapeMismatchError",
     "ExportError",
+    "ShardingError",
 ]

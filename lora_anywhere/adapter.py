@@ -15,8 +15,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .errors import LoraError
 from .kernels import autocast_dtype
 from .rule import Rule
+from .sharding import is_sharded
 
 #: How an adapter reaches a layer's output (its compute route): added on the layer's
 #: activations, or through the weight the layer reads (W + ΔW). Both give the same numbers.
@@ -161,19 +163,56 @@ class LowRank(nn.Module):
 @dataclass
 class Term:
     """One adapter's contribution to one module on the activation route:
-    ``y += scale · B(A(dropout(x)))``, with A (r × cols) and B (rows × r)."""
+    ``y += scale · B(A(dropout(x)))``, with A (r × cols) and B (rows × r).
+
+    ``dropout(x)`` is the input the adapter sees: with dropout while training, and
+    zero for the samples that use another adapter (`serving.per_sample`). A rule
+    whose input is not a tensor of features (an embedding's indices) applies
+    ``select_samples`` to the term's output instead."""
 
     a: torch.Tensor
     b: torch.Tensor
     scale: float
     adapter: LayerAdapter
+    selected: bool = False  # whether the rule's forward applied the sample selection
+    # Several adapters of a per-sample batch stacked into one term (`stacked`): 1 where
+    # a sample's adapter owns a rank column of A's output, else 0 (samples × ranks).
+    rank_mask: torch.Tensor | None = None
 
     @property
     def dropout_active(self) -> bool:
+        """Whether `dropout(x)` changes x: the rule must then call it (no fused route)."""
         return self.adapter.dropout_active
 
     def dropout(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapter.dropout(x)
+        return self.adapter.dropout(self.select_samples(x))
+
+    def select_samples(self, t: torch.Tensor) -> torch.Tensor:
+        self.selected = True
+        return self.adapter.select_samples(t)
+
+    def mask_ranks(self, z: torch.Tensor, channel_dim: int = -1) -> torch.Tensor:
+        """A's output `z` of a stacked term with each sample's columns of other adapters
+        zeroed; `channel_dim` is where z keeps its rank columns."""
+        self.selected = True
+        mask, d = self.rank_mask, self.adapter.sample_dim
+        if mask is None:
+            return z
+        if z.dim() <= d or z.shape[d] != mask.shape[0]:
+            self.adapter.select_samples(z)  # raises the error that says what is wrong
+        shape = [1] * z.dim()
+        shape[d], shape[channel_dim] = mask.shape
+        return z * mask.to(z.dtype).view(shape)
+
+    @classmethod
+    def stacked(cls, terms: list[Term]) -> Term:
+        """One term for the adapters of a per-sample batch: their A's stacked, their
+        B's (scale folded in) side by side, and a mask that keeps, for each sample,
+        its adapter's rank columns — one low-rank projection instead of one per adapter."""
+        masks = [t.adapter.sample_mask[:, None].expand(-1, t.a.shape[0]) for t in terms]
+        a = torch.cat([t.a for t in terms])
+        b = torch.cat([t.b * t.scale for t in terms], dim=1)
+        return cls(a, b, 1.0, terms[0].adapter, rank_mask=torch.cat(masks, dim=1))
 
 
 @dataclass(frozen=True)
@@ -258,6 +297,10 @@ class LayerAdapter(nn.Module):
         )
         self._merged_norms: dict[str, torch.Tensor] = {}
         self._lost: dict[str, LostBits] = {}
+        # While serving several adapters in one batch (`serving.per_sample`): 1 for the
+        # samples (along `sample_dim` of each input) that use this adapter, else 0.
+        self.sample_mask: torch.Tensor | None = None
+        self.sample_dim = 0
 
     @property
     def dora(self) -> bool:
@@ -308,7 +351,22 @@ class LayerAdapter(nn.Module):
 
     @property
     def dropout_active(self) -> bool:
-        return self.dropout_p > 0.0 and self.training
+        return (self.dropout_p > 0.0 and self.training) or self.sample_mask is not None
+
+    def select_samples(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` with the samples that use another adapter zeroed (itself outside `per_sample`)."""
+        mask = self.sample_mask
+        if mask is None:
+            return t
+        d = self.sample_dim
+        if t.dim() <= d or t.shape[d] != mask.shape[0]:
+            raise LoraError(
+                f"per-sample adapters: a layer's input has shape {tuple(t.shape)}, but {mask.shape[0]} samples were named along "
+                f"dimension {d}; give one adapter name per sample of that dimension (dim= for sequence-first inputs)"
+            )
+        shape = [1] * t.dim()
+        shape[d] = -1
+        return t * mask.to(t.dtype).view(shape)
 
     def dropout(self, x: torch.Tensor) -> torch.Tensor:
         # With p = 0 the input is passed through: no copy of the activation.
@@ -335,7 +393,7 @@ class LayerAdapter(nn.Module):
         common case — plain LoRA on a whole tensor — is one addmm: the same op that
         `merge_block` runs in place, so merged and unmerged agree to the bit."""
         blocks = [t for t in self.targets.values() if t.owner == owner and t.tensor == tensor]
-        if not blocks:
+        if not blocks or self._sharded(blocks):
             return w
         fast = self._addmm_factors(blocks[0], w) if len(blocks) == 1 and blocks[0].rows is None else None
         if fast is not None:
@@ -347,6 +405,11 @@ class LayerAdapter(nn.Module):
         if self.dora and len(blocks) == 1 and blocks[0].rows is None:
             return self._dora_weight(blocks[0], w)[0]
         return w + self._blocks_delta(blocks, w)
+
+    def _sharded(self, blocks: list[ResolvedTarget]) -> bool:
+        """Whether FSDP2 holds some factor as a shard: while it swaps a layer's tensors
+        (whole ↔ shard) one by one, W can already be whole while A and B are not."""
+        return is_sharded(*(p for t in blocks for p in (self.factors[t.name].A, self.factors[t.name].B)))
 
     def _addmm_factors(self, t: ResolvedTarget, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         if self.dora or not block.is_contiguous():

@@ -16,6 +16,7 @@ from .adapter import LayerAdapter
 from .adapter_config import NAME, AdapterConfig, LayerRecord, TargetRecord
 from .errors import AlreadyAdaptedError, LoraError, NotAdaptedError, TargetError
 from .plan import ROUTE_LEAN, ROUTE_WEIGHT, ROUTES, LayerPlan, adaptable_summary, check_rank, plan_layers, resolve_trainable
+from .sharding import ADD_BEFORE_SHARDING, MERGE_SHARDED, refuse_sharded
 from .state import ModelState, adapted_layers, is_under, model_state, remember_base, restore_base, set_model_state, unwrap
 from .version import __version__
 
@@ -98,6 +99,7 @@ def apply(
     wrapper, model = model, unwrap(model)
     check_model(model)
     route = _route_option(route, path)
+    refuse_sharded(*model.parameters(), what="adding an adapter", fix=ADD_BEFORE_SHARDING)
     rank_given = rank is not None
     rank = DEFAULT_RANK if rank is None else rank
     _check_options(rank, alpha, dropout, route, name)
@@ -253,6 +255,7 @@ def shift_base(layer: nn.Module, adapter: LayerAdapter, sign: int, *, exact: boo
     taking out restores the base to the bit (see `LayerAdapter.merge_block`). A merge
     that will never be taken out (`remove(merge=True)`) need not be `exact`."""
     for t in adapter.targets.values():
+        refuse_sharded(t.parameter_in(layer), what="merging", fix=MERGE_SHARDED)
         adapter.merge_block(t, t.block_in(layer), sign, exact=exact)
 
 

@@ -23,8 +23,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .adapter import LayerAdapter
+from .adapter import LayerAdapter, Term
 from .errors import LoraError
+from .sharding import is_sharded, keep_sharded_class
 
 ADAPTERS = "lora_adapters"
 _LAYER = "_lora_layer"  # on a tensor owner: the layer whose adapters apply
@@ -48,8 +49,11 @@ def layer_adapters(layer: nn.Module) -> dict[str, LayerAdapter]:
 
 def effective_tensor(owner: nn.Module, tensor: str, *, include_activation: bool = True) -> torch.Tensor:
     """The tensor as the adapted model sees it: W plus every live adapter's ΔW (without
-    those the owner's own forward adds on the activations, if asked)."""
+    those the owner's own forward adds on the activations, if asked). A shard (FSDP2,
+    outside the forward) is returned as it is: ΔW is added where the tensor is whole."""
     w = owner._parameters[tensor]
+    if is_sharded(w):
+        return w
     layer = owner.__dict__[_LAYER]
     owner_name = owner.__dict__[_OWNER_NAME]
     for adapter in layer._modules[ADAPTERS].values():
@@ -85,7 +89,15 @@ def _adapted_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         # No gradient to pay for: the layer's own forward reads W + ΔW (the property).
         return type(self).__lora_base__.forward(self, *args, **kwargs)
     terms = [a.activation_term(owner_name, weight.shape[0]) for a in adapters]
-    return rule.forward(self, weight, terms, *args, **kwargs)
+    if adapters[0].sample_mask is not None and not any(a.dropout_p and a.training for a in adapters) and rule.stacks_samples(self):
+        terms = [Term.stacked(terms)]
+    out = rule.forward(self, weight, terms, *args, **kwargs)
+    if any(t.adapter.sample_mask is not None and not t.selected for t in terms):
+        raise LoraError(
+            f"the rule {rule.name} does not apply per-sample adapters (its forward never calls Term.dropout or "
+            "Term.select_samples); run one adapter at a time with set_adapter"
+        )
+    return out
 
 
 def _weight_route_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -211,7 +223,7 @@ def refresh(layer: nn.Module) -> None:
         forward = any(owner_name in a.activation_owners for a in live)
         names = tuple(sorted(tensors | ({"weight"} if forward else set())))
         if names:
-            owner.__class__ = adapted_class(base, names, forward)
+            owner.__class__ = keep_sharded_class(owner, adapted_class(base, names, forward))
             owner.__dict__[_LAYER] = layer
             owner.__dict__[_OWNER_NAME] = owner_name
             if forward:
@@ -219,17 +231,17 @@ def refresh(layer: nn.Module) -> None:
             else:
                 owner.__dict__.pop(_RULE, None)
         else:
-            owner.__class__ = base
+            owner.__class__ = keep_sharded_class(owner, base)
             for key in (_LAYER, _OWNER_NAME, _RULE):
                 owner.__dict__.pop(key, None)
     live_tensors = {(t.owner, t.tensor) for a in live for t in a.targets.values()}
     for module, owner_name, tensor in layer.__dict__.get(_TIED, ()):
         if (owner_name, tensor) in live_tensors:
-            module.__class__ = adapted_class(base_class(module), (tensor,), False)
+            module.__class__ = keep_sharded_class(module, adapted_class(base_class(module), (tensor,), False))
             module.__dict__[_LAYER] = layer
             module.__dict__[_OWNER_NAME] = owner_name
         else:
-            module.__class__ = base_class(module)
+            module.__class__ = keep_sharded_class(module, base_class(module))
             module.__dict__.pop(_LAYER, None)
             module.__dict__.pop(_OWNER_NAME, None)
     if not adapters:

@@ -38,6 +38,10 @@ class ExportError(LoraError):
     """An adapter cannot be written in the requested format exactly (some layers have no exact equivalent there)."""
 
 
+class ShardingError(LoraError):
+    """An operation needs whole tensors but the model is sharded (FSDP2), or a sharded save failed."""
+
+
 class PluginError(LoraError):
     """A plugin cannot be registered or unregistered as asked."""
 

@@ -39,6 +39,7 @@ from .atomic import atomic_dir, recover
 from .errors import AdapterFileError, AlreadyAdaptedError, LoraError, NotAdaptedError, ShapeMismatchError
 from .plan import LayerPlan, activation_owners, resolve_targets
 from .registry import registry
+from .sharding import ADD_BEFORE_SHARDING, gathered, refuse_sharded, reshard, write_on_one_rank
 from .state import base_tensors, changed_buffers, is_under, model_state, trainable_modules, under_any, unwrap
 
 CONFIG_FILE = "lora_anywhere_config.json"
@@ -81,11 +82,13 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
     """The tensors `save_adapter` writes: every A and B (and SVD starts and DoRA
     magnitudes), the parameters and buffers of the `trainable` modules, and the base
     model's buffers that training changed (e.g. BatchNorm running statistics updated
-    by a loop that kept frozen norms in train mode)."""
+    by a loop that kept frozen norms in train mode). On a model sharded with FSDP2 they
+    are shards."""
     model = unwrap(model)
     name = _adapter_name(model, name)
     state = model_state(model)
     config = state.adapters[name]
+    reshard(model)  # FSDP2: every tensor a shard (DTensor), none freed while read
     out: dict[str, torch.Tensor] = {}
     for layer_name in config.layers:
         adapter = model.get_submodule(layer_name)._modules[attach.ADAPTERS][name]
@@ -107,31 +110,40 @@ def save_adapter(
     folder that ``peft.PeftModel.from_pretrained(base, path)`` loads with the same
     outputs. A layer PEFT cannot express exactly is refused (`ExportError`, listing
     each); with ``strict=False`` the others are written and a warning names each one
-    left out."""
+    left out. On a model sharded with FSDP2, call it on every rank: they gather the
+    adapter tensors (only those) and rank 0 writes."""
     if format not in FORMATS:
         raise LoraError(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
     if format == "peft":
         from .peft_format import save_peft
 
         return save_peft(unwrap(model), path, name, strict=strict)
-    tensors, config = _prepared(model, name)
-    with atomic_dir(path) as tmp:
-        _write(tmp, tensors, config)
+    tensors, config, sharded = _prepared(model, name)
+
+    def write() -> None:
+        with atomic_dir(path) as tmp:
+            _write(tmp, tensors, config)
+
+    # A sharded model (FSDP2): every rank gathered the adapter tensors; rank 0 writes.
+    write_on_one_rank(sharded, write)
     return Path(path)
 
 
 def write_adapter(model: nn.Module, folder: Path, name: str | None = None) -> None:
     """Write the adapter's two files into the existing `folder`, for a caller that
     makes that folder take its place atomically itself (a Trainer checkpoint, which
-    adds its own state beside them)."""
-    _write(folder, *_prepared(model, name))
+    adds its own state beside them). Not for a sharded model: see `save_adapter`."""
+    tensors, config, _ = _prepared(model, name)
+    _write(folder, tensors, config)
 
 
-def _prepared(model: nn.Module, name: str | None) -> tuple[dict[str, torch.Tensor], AdapterConfig]:
-    """The tensors (on the CPU) and the config to write, refused if they would not load."""
+def _prepared(model: nn.Module, name: str | None) -> tuple[dict[str, torch.Tensor], AdapterConfig, bool]:
+    """The tensors (whole, on the CPU) and the config to write, refused if they would
+    not load, and whether the model is sharded (gathering is collective: every rank
+    of a sharded model must call this)."""
     model = unwrap(model)
     name = _adapter_name(model, name)
-    live = adapter_state_dict(model, name)
+    live, sharded = gathered(adapter_state_dict(model, name))
     for key, value in live.items():
         if value.device.type == "meta":
             raise LoraError(
@@ -142,7 +154,7 @@ def _prepared(model: nn.Module, name: str | None) -> tuple[dict[str, torch.Tenso
             raise LoraError(f"{key} holds NaN or infinite values; such an adapter would not load. Train with a lower lr or clip")
     buffers = sorted(k[len(BUFFERS) :] for k in live if k.startswith(BUFFERS))
     config = dataclasses.replace(model_state(model).adapters[name], buffers=buffers)
-    return {k: v.cpu().contiguous().clone() for k, v in live.items()}, config
+    return {k: v.cpu().contiguous().clone() for k, v in live.items()}, config, sharded
 
 
 def _write(folder: Path, tensors: dict[str, torch.Tensor], config: AdapterConfig) -> None:
@@ -260,6 +272,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
 
     wrapper, model = model, unwrap(model)
     check_model(model)
+    refuse_sharded(*model.parameters(), what="loading an adapter", fix=ADD_BEFORE_SHARDING)
     if peft_format.is_peft_folder(recover(Path(path))):
         config, tensors = peft_format.read_peft(model, recover(Path(path)))
         _refuse(

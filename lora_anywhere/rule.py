@@ -77,6 +77,12 @@ class Rule:
         """
         raise NotImplementedError
 
+    def stacks_samples(self, layer: nn.Module) -> bool:
+        """Whether `forward` takes the adapters of a per-sample batch as one stacked
+        term, applying ``term.mask_ranks`` to A's output before B (faster than one
+        term per adapter, each with its samples' inputs selected by ``term.dropout``)."""
+        return False
+
     def supports_activation(self, layer: nn.Module) -> bool:
         base = self.activation_base
         return base is not None and _forward_of(type(layer)) is base.forward

@@ -39,7 +39,13 @@ class LinearRule(Rule):
     def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
         return many_rows(x.numel() // max(x.shape[-1], 1), *weight.shape)
 
+    def stacks_samples(self, layer: nn.Module) -> bool:
+        return True
+
     def forward(self, layer, weight, terms, x):  # type: ignore[override]
+        if len(terms) == 1 and terms[0].rank_mask is not None:
+            t = terms[0]
+            return add_low_rank(F.linear(x, weight, layer.bias), t.mask_ranks(F.linear(x, t.a)), t.b, -1)
         if len(terms) == 1 and not terms[0].dropout_active:
             t = terms[0]
             return linear_lora(x, weight, layer.bias, t.a, t.b, t.scale)
@@ -58,6 +64,19 @@ def wide_matrix(out: int, cols: int) -> bool:
     ResNet-50's stages 3–4) and loses up to it (GCN's 256 × 256, Conformer,
     ResNet-50's stage 1)."""
     return out * cols > 128 * (out + cols)
+
+
+def add_low_rank(y: torch.Tensor, z: torch.Tensor, b: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """``y + B z`` over the channels at `channel_dim` of `z` (rank r) and `y` (rows of B);
+    in place without autograd, where y is a fresh output nobody else holds."""
+    if (torch.is_grad_enabled() and (y.requires_grad or z.requires_grad or b.requires_grad)) or not y.is_contiguous():
+        return y + torch.movedim(torch.movedim(z, channel_dim, -1) @ b.t(), -1, channel_dim)
+    if channel_dim in (-1, y.dim() - 1):
+        y.view(-1, y.shape[-1]).addmm_(z.reshape(-1, z.shape[-1]), b.t().to(y.dtype))
+        return y
+    n = y.shape[0]
+    y.view(n, y.shape[1], -1).baddbmm_(b.to(y.dtype).expand(n, *b.shape), z.reshape(n, z.shape[1], -1))
+    return y
 
 
 def many_rows(rows: int, out: int, cols: int) -> bool:
@@ -102,8 +121,15 @@ class ConvRule(Rule):
         positions = x.numel() // max(channels, 1) // math.prod(layer.stride)
         return many_rows(positions, weight.shape[0], weight[0].numel())
 
+    def stacks_samples(self, layer: nn.Module) -> bool:
+        return layer.groups == 1
+
     def forward(self, layer, weight, terms, x):  # type: ignore[override]
         g = layer.groups
+        if len(terms) == 1 and terms[0].rank_mask is not None:  # ungrouped
+            t = terms[0]
+            z = t.mask_ranks(layer._conv_forward(x, t.a.view(-1, *weight.shape[1:]), None), channel_dim=-self.dims - 1)
+            return add_low_rank(layer._conv_forward(x, weight, layer.bias), z, t.b, -self.dims - 1)
         if g == 1 and len(terms) == 1 and not terms[0].dropout_active:
             t = terms[0]
             return conv_lora(layer, x, weight, t.a, t.b, t.scale)
@@ -162,7 +188,7 @@ class EmbeddingRule(Rule):
         y = F.embedding(x, weight, layer.padding_idx, layer.max_norm, layer.norm_type, layer.scale_grad_by_freq, layer.sparse)
         for t in terms:
             rows = F.embedding(x, t.b, layer.padding_idx, None, 2.0, layer.scale_grad_by_freq, False)
-            y = y + rows @ (t.a * t.scale)
+            y = y + t.select_samples(rows @ (t.a * t.scale))
         return y
 
 

@@ -66,8 +66,11 @@ class ModelTensors:
 
     @torch.no_grad()
     def copy_in(self, saved: dict[str, torch.Tensor]) -> None:
+        """Copy checked tensors in place (each rank its part, where FSDP2 shards them)."""
+        from .distributed import copy_into
+
         for key, tensor in self.live().items():
-            tensor.copy_(saved[key])
+            copy_into(tensor, saved[key])
 
 
 class AdapterTensors(ModelTensors):

@@ -6,7 +6,8 @@ stays exactly as loaded, so a checkpoint needs only the adapter. A model without
 adapter trains every parameter that requires grad (full fine-tuning, pretraining),
 and its checkpoints hold those and the buffers. The loop is plain PyTorch: AdamW (or
 Adam, SGD, any optimizer) with a learning rate per parameter group (`optim`), warmup +
-cosine, accumulation, clipping, bf16 autocast on CUDA, DDP under torchrun.
+cosine, accumulation, clipping, bf16 autocast on CUDA, DDP
+or FSDP2 under torchrun (`distributed`).
 Checkpoints make a run resumable to the bit on CPU: the trained tensors, optimizer,
 scheduler, RNG states and the position in the epoch are written together,
 atomically, and a NaN loss or Ctrl-C never overwrites the last good one.
@@ -31,11 +32,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..atomic import atomic_dir, recover
+from ..atomic import recover
 from ..errors import AdapterFileError, ConfigError, LoraError, NonFiniteLossError, NotAdaptedError, ResumeError, TaskError
 from ..state import model_state
+from . import distributed, optim, options
 from . import metrics as metric_sets
-from . import optim, options
 from .checkpoint import AdapterTensors, ModelTensors, TrainedTensors
 from .data import LoaderSpec, check_dataset, length, to_device
 from .reporting import Report, TensorBoard, epoch_line, plot_curves, process_rank, say, warn, write_history
@@ -75,6 +76,10 @@ class Trainer:
     suggestion. ``loraplus_ratio`` trains B at that multiple of A's rate (LoRA+).
     ``optimizer`` is "adamw", "adam", "sgd" (momentum 0.9) or a function of the
     parameter groups that returns a torch optimizer (e.g. ``torch.optim.RAdam``).
+
+    Under torchrun, ``strategy`` is ``"ddp"`` (a whole model per process) or ``"fsdp"``
+    (the model sharded with FSDP2, bf16 through its mixed-precision policy; see
+    `lora_anywhere.training.distributed`).
     """
 
     def __init__(
@@ -113,6 +118,7 @@ class Trainer:
         plot_every: int | None = None,
         tensorboard: bool = False,
         class_names: list[str] | None = None,
+        strategy: str = "ddp",
     ) -> None:
         options.check({k: v for k, v in locals().items() if k in options.TRAINER}, options.TRAINER)
         _check(patience is None or val_data is not None, "early stopping (patience=...) needs val_data to watch")
@@ -129,8 +135,13 @@ class Trainer:
         self.adapter, self.trainable_modules, self.saved = _what_trains(model, adapter)
 
         self.process_rank, self.world_size, self.device = _setup(device)
-        self.model = model.to(self.device)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.strategy = distributed.strategy(strategy, self.world_size, self.device)
+        self.precision = (
+            ("bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32") if precision == "auto" else precision
+        )
+        # Sharding replaces the parameters: the optimizer is built on what it leaves.
+        self.model = self.strategy.prepare(model.to(self.device), precision=self.precision, device=self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise NotAdaptedError("no parameter of the model requires grad: nothing to train")
         self.lr, self.loraplus_ratio, self.optimizer_choice, self.weight_decay = lr, float(loraplus_ratio), optimizer, weight_decay
@@ -141,9 +152,6 @@ class Trainer:
         self._split_line = self.task.describe_split(train_data, val_data)  # raises when nothing is held out
         self.epochs, self.grad_accum, self.clip, self.seed = epochs, grad_accum, clip, seed
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.precision = (
-            ("bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32") if precision == "auto" else precision
-        )
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.log_format = log_format
         self.save_every, self.plot_every, self.class_names = save_every, plot_every, class_names
@@ -347,7 +355,7 @@ class Trainer:
                 seen = i + 1
                 group = self.grad_accum if n is None else min(self.grad_accum, n - (i // self.grad_accum) * self.grad_accum)
                 boundary = (i + 1) % self.grad_accum == 0 or i + 1 == n
-                sync = contextlib.nullcontext() if boundary or self._ddp is None else net.no_sync()
+                sync = contextlib.nullcontext() if boundary else self.strategy.no_sync(net)
                 with sync:
                     with self._autocast():
                         result = self.task.step(net, to_device(batch, self.device), train=True)
@@ -426,7 +434,7 @@ class Trainer:
         better = self.best is None or (value < self.best if _minimise(self.monitor) else value > self.best)
         if better:
             self.best, self.bad_epochs = value, 0
-            if self.out_dir is not None and self.process_rank == 0:
+            if self.out_dir is not None and self.strategy.saves_on(self.process_rank):
                 self.saved.save(self.out_dir / "best")
             return False
         self.bad_epochs += 1
@@ -442,9 +450,11 @@ class Trainer:
         batches = task.batches(data, train=False, spec=self._spec(0))
         bar = _bar(self.progress, total=length(batches), initial=0, desc=desc)
         try:
-            for batch in batches:
+            for batch, counted in self.strategy.eval_batches(batches):
                 with self._autocast():
                     result = task.step(self.model, to_device(batch, self.device), train=False)
+                if not counted:  # a rank whose share ended repeats a batch for the others
+                    continue
                 totals.add(result)
                 if result.outputs is not None and result.targets is not None:
                     if not width:
@@ -516,7 +526,7 @@ class Trainer:
     def _wrapped(self) -> nn.Module:
         """The model DDP runs, built once. Only parameters that require grad (adapters
         and ``trainable`` modules) get DDP's reduction hooks."""
-        if self.world_size == 1:
+        if self.world_size == 1 or self.strategy.sharded:
             return self.model
         if self._ddp is None:
             unused = self.find_unused_parameters
@@ -548,23 +558,19 @@ class Trainer:
     # ------------------------------------------------------------------ files
 
     def _save_checkpoint(self, position: dict[str, Any]) -> None:
-        if self.out_dir is None or self.process_rank != 0:
+        if self.out_dir is None or not self.strategy.saves_on(self.process_rank):
             return
         state = {
             "version": STATE_VERSION,
             **position,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.strategy.optimizer_state(self.model, self.optimizer),
             "setup": optim.setup(self.groups, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "history": self.history,
             "best": self.best,
             "bad_epochs": self.bad_epochs,
         }
-        # Adapter and trainer state go into one folder that replaces last/ whole, so a
-        # crash never pairs an adapter with another step's optimizer state.
-        with atomic_dir(self.out_dir / "last") as tmp:
-            self.saved.write(tmp)
-            torch.save(state, tmp / STATE_FILE)
+        self.strategy.write_checkpoint(self.saved, self.out_dir / "last", lambda tmp: torch.save(state, tmp / STATE_FILE))
 
     def _load_checkpoint(self) -> dict[str, Any] | None:
         assert self.out_dir is not None
@@ -580,7 +586,7 @@ class Trainer:
             raise AdapterFileError(f"{folder / STATE_FILE} has version {state.get('version')!r}, expected {STATE_VERSION}")
         saved = self._resumable(state, folder)
         self.saved.copy_in(saved)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.history, self.best, self.bad_epochs = list(state["history"]), state["best"], state["bad_epochs"]
         if state["epoch"] >= self.epochs:

@@ -59,8 +59,8 @@ class Conv1DRule(Rule):
         size_out = x.size()[:-1] + (layer.nf,)
         x2d = x.view(-1, x.size(-1))
         y = torch.addmm(layer.bias, x2d, weight)
-        for t in terms:
-            y = y + (t.dropout(x2d) @ t.b) @ (t.a * t.scale)
+        for t in terms:  # dropout (and per-sample selection) on x itself: its first dim is the batch
+            y = y + (t.dropout(x).reshape(x2d.shape) @ t.b) @ (t.a * t.scale)
         return y.view(size_out)
 
 

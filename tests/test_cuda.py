@@ -1,0 +1,82 @@
+"""On a CUDA device (skipped without one; bench/gpu.sh runs them): the fused
+activation-route kernels under bf16 autocast, merging, per-sample serving and
+torch.compile (inductor) give the numbers the CPU reference gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lora_anywhere as la
+from lora_anywhere.testing import randomize_adapters
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, stride=2),
+        nn.Flatten(1),
+        nn.LazyLinear(64),
+        nn.GELU(),
+        nn.Linear(64, 5),
+    )
+
+
+def adapted(route: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = net()
+    model(torch.randn(1, 3, 16, 16))
+    la.apply(model, rank=4, route=route)
+    randomize_adapters(model, seed=1)
+    return model
+
+
+def step(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+        out = model(x)
+    out.float().pow(2).mean().backward()
+    return out.float(), [p.grad.float() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("route", ["activation", "weight"])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_step_matches_cpu(route: str, dtype: torch.dtype | None) -> None:
+    x = torch.randn(4, 3, 16, 16)
+    reference, reference_grads = step(adapted(route), x, None)
+    out, grads = step(adapted(route).cuda(), x.cuda(), dtype)
+    tol = dict(rtol=5e-2, atol=5e-2) if dtype is not None else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.cpu(), reference, **tol)
+    for g, r in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(g.cpu(), r, **tol)
+
+
+@torch.no_grad()
+def test_cuda_merge_and_per_sample() -> None:
+    model = adapted("auto").cuda().eval()
+    la.apply(model, rank=2, name="other")
+    randomize_adapters(model, seed=2)
+    x = torch.randn(4, 3, 16, 16, device="cuda")
+    la.set_adapter(model, "default")
+    unmerged = model(x)
+    la.merge(model, "default")
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-4, atol=1e-4)
+    la.unmerge(model, "default")
+    with la.per_sample(model, ["default", "other", None, "default"]):
+        mixed = model(x)
+    torch.testing.assert_close(mixed[[0, 3]], unmerged[[0, 3]], rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_compiled_matches_eager() -> None:
+    model = adapted("auto").cuda()
+    x = torch.randn(4, 3, 16, 16, device="cuda")
+    eager, eager_grads = step(model, x, torch.bfloat16)
+    torch._dynamo.reset()
+    compiled, compiled_grads = step(torch.compile(model), x, torch.bfloat16)
+    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
+    for g, e in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=5e-2, atol=5e-2)

@@ -32,6 +32,7 @@ from ..atomic import atomic_file
 from ..errors import ConfigError
 from ..log import logger
 from . import optim
+from .data import to_device
 from .options import POSITIVE, Kind, check, integer
 from .tasks import Task
 
@@ -153,10 +154,8 @@ def sweep(
 
 
 def _step(trainer: Trainer, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any) -> float:
-    from .trainer import _to_device
-
     with trainer._autocast():
-        objective = trainer.task.step(model, _to_device(batch, trainer.device), train=True).loss
+        objective = trainer.task.step(model, to_device(batch, trainer.device), train=True).loss
         if trainer.regularizer is not None:
             objective = objective + trainer.regularizer_weight * trainer.regularizer(model)
     value = float(objective.detach())

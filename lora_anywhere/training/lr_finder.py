@@ -153,10 +153,10 @@ def sweep(
 
 
 def _step(trainer: Trainer, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any) -> float:
-    from .trainer import _to_device
+    from .data import to_device
 
     with trainer._autocast():
-        objective = trainer.task.step(model, _to_device(batch, trainer.device), train=True).loss
+        objective = trainer.task.step(model, to_device(batch, trainer.device), train=True).loss
         if trainer.regularizer is not None:
             objective = objective + trainer.regularizer_weight * trainer.regularizer(model)
     value = float(objective.detach())

@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 README = ROOT / "README.md"
 README_MAX_BYTES = 12_500
-# Pages whose blocks train real (small) models for several epochs: left out of
+# Pages whose blocks train real (small) models for many epochs: left out of
 # `-m "not slow"` runs.
-SLOW_PAGES = {"docs/trainer.md", "docs/plugins/speech.md", "docs/own-model.md"}
+SLOW_PAGES = {"docs/trainer.md"}
 
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
 SKIP = re.compile(r"<!--\s*skip:(?P<reason>.*?)-->\s*$")

@@ -50,7 +50,9 @@ class Case:
 
 def _classify(out: object) -> torch.Tensor:
     logits = out if isinstance(out, torch.Tensor) else out[0]
-    return F.cross_entropy(logits.float().flatten(0, -2), torch.zeros(logits.flatten(0, -2).shape[0], dtype=torch.long))
+    return F.cross_entropy(
+        logits.float().flatten(0, -2), torch.zeros(logits.flatten(0, -2).shape[0], dtype=torch.long, device=logits.device)
+    )
 
 
 def _graph(nodes: int, edges: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,7 +301,7 @@ def run_case(case: Case, rank: int, repeats: int, with_peft: bool, setup: Setup 
         except Exception as exc:  # a compiler that fails on this model: report it
             c.model, c.error = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
             live.remove(c)
-    for round_ in range(repeats):
+    for round_ in range(repeats if live else 0):
         # Each round starts with the next contender, so none always runs right after
         # the same neighbour (big graph steps showed order effects of up to 25 %).
         for c in live[round_ % len(live) :] + live[: round_ % len(live)]:

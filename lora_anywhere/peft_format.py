@@ -45,16 +45,18 @@ from .log import logger
 from .peft_layers import (
     CONV1D,
     DORA_KINDS,
-    EMBEDDING,
     MHA,
     MHA_OUT_TWICE,
+    OUTPUT_COLUMNS,
     PARAMETER,
     Options,
     Site,
     anchored,
+    base_magnitude,
     from_peft,
     magnitude_to_peft,
     module_kind,
+    output_features,
     parameter_sites,
     plain_modules,
     suffix_names,
@@ -226,12 +228,10 @@ def _site_of(modules: dict[str, nn.Module], layer_name: str, t: ResolvedTarget) 
 def _why_not_dora(site: Site, t: ResolvedTarget, adapter: LayerAdapter, adapters: dict[str, LayerAdapter]) -> str | None:
     if not adapter.dora:
         return None
-    if site.kind == EMBEDDING:
-        return "DoRA on an embedding: not translated yet (both keep one magnitude per output feature, a column of the table, but the export maps magnitudes per row)"
-    if site.kind == CONV1D:
-        return "DoRA on a transformers Conv1D: not translated yet (both keep one magnitude per output column, but the export maps magnitudes per stored row)"
     if site.kind not in DORA_KINDS:
         return f"PEFT has no DoRA for a {site.kind} LoRA"
+    if site.kind in OUTPUT_COLUMNS and t.rows is not None:
+        return f"DoRA on some rows of a {site.kind} weight, whose output features are its columns"
     if t.rows is not None and any(a.merged for a in adapters.values() if a is not adapter):
         return "another adapter is merged into this tensor, so its base rows are not at hand; unmerge it first"
     return None
@@ -318,9 +318,12 @@ def _peft_tensors(plan: ExportPlan) -> tuple[dict[str, torch.Tensor], dict[Site,
             key_a, key_b, key_m = site.keys(part)
             out[key_a], out[key_b] = to_peft(site.kind, a, b, tuple(weight.shape))
             if plan.config.dora:
-                magnitude = weight.detach().reshape(rows, -1).norm(dim=1)  # rows no block adapts keep their norm
+                magnitude = base_magnitude(site.kind, weight)  # features no block adapts keep their norm
                 for blk in parts[part]:
-                    magnitude[blk.rows[0] : blk.rows[1]] = blk.magnitude
+                    if site.kind in OUTPUT_COLUMNS:  # one block, whole: its magnitudes are the columns'
+                        magnitude = blk.magnitude.clone()
+                    else:
+                        magnitude[blk.rows[0] : blk.rows[1]] = blk.magnitude
                 out[key_m] = magnitude_to_peft(site.kind, magnitude, tuple(weight.shape))
         ranks[site] = (rank, scale)
     for module in plan.to_save + plan.also_saved:
@@ -571,10 +574,7 @@ def _resolve(model: nn.Module, modules: dict[str, nn.Module], options: Options, 
         if holder is not None:
             why = f"it lies in {holder}, which modules_to_save also names"
         elif options.dora and site.kind not in DORA_KINDS:
-            why = {
-                EMBEDDING: "DoRA on an embedding: not translated yet (both keep one magnitude per output feature, a column of the table, but the export maps magnitudes per row)",
-                CONV1D: "DoRA on a transformers Conv1D: not translated yet (both keep one magnitude per output column, but the export maps magnitudes per stored row)",
-            }.get(site.kind, f"PEFT has no DoRA for a {site.kind} LoRA")
+            why = f"PEFT has no DoRA for a {site.kind} LoRA"
         if why:
             problems.append(f"{site}: {why}")
     if not sites and not problems:
@@ -707,9 +707,10 @@ def _site_tensors(
     magnitude = None
     if options.dora:
         magnitude = tensors.get(key_m)
-        if magnitude is None or magnitude.numel() != rows:
+        features = output_features(site.kind, tuple(weight.shape))
+        if magnitude is None or magnitude.numel() != features:
             found = "missing" if magnitude is None else f"of shape {tuple(magnitude.shape)}"
-            problems.append(f"{key_m}: DoRA magnitude {found}, PEFT expects {rows} values for {site}")
+            problems.append(f"{key_m}: DoRA magnitude {found}, PEFT expects {features} values for {site}")
             ok = False
     if not ok:
         return None
@@ -748,8 +749,8 @@ def _record(
     prefix = f"lora/{binding.layer}/{t.name}"
     native[f"{prefix}/A"] = a.clone()
     native[f"{prefix}/B"] = b[start:stop] * factor if factor != 1.0 else b[start:stop].clone()
-    if magnitude is not None:
-        native[f"{prefix}/m"] = magnitude[start:stop].clone()
+    if magnitude is not None:  # one per output feature: a whole layer's, or its block's rows
+        native[f"{prefix}/m"] = (magnitude if t.rows is None else magnitude[start:stop]).clone()
     record.targets[t.name] = TargetRecord(t.owner, t.tensor, list(t.rows) if t.rows else None, list(binding.tensor.shape), a.shape[0])
 
 

@@ -23,8 +23,11 @@ from .plan import _hook_weight_norm
 
 # PEFT's LoRA layer kinds, and the raw parameters it reaches with target_parameters.
 LINEAR, CONV1D, CONV, EMBEDDING, MHA, PARAMETER = "Linear", "Conv1D", "Conv", "Embedding", "MultiheadAttention", "parameter"
-#: The PEFT LoRA kinds whose DoRA magnitudes this export translates (one per weight row).
-DORA_KINDS = (LINEAR, CONV)
+#: PEFT's LoRA kinds with a DoRA. Both libraries keep one magnitude per output feature:
+#: a row of a Linear or conv weight, a column of an Embedding table or a Conv1D weight.
+DORA_KINDS = (LINEAR, CONV, EMBEDDING, CONV1D)
+#: Kinds whose stored weight has its output features along dim 1 (the transposed ones).
+OUTPUT_COLUMNS = (EMBEDDING, CONV1D)
 #: Parents that read a child's weight themselves instead of calling the child, so a
 #: PEFT wrapper around the child never runs: class (import path) → child names.
 #: (nn.MultiheadAttention's out_proj goes through PEFT's own MultiheadAttention layer;
@@ -218,6 +221,17 @@ def from_peft(kind: str, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor
     if kind == CONV:
         return a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
     return a, b
+
+
+def output_features(kind: str, weight_shape: tuple[int, ...]) -> int:
+    """How many DoRA magnitudes a PEFT LoRA of `kind` on a weight of this shape has."""
+    return weight_shape[1] if kind in OUTPUT_COLUMNS else weight_shape[0]
+
+
+def base_magnitude(kind: str, weight: torch.Tensor) -> torch.Tensor:
+    """‖W‖ per output feature: the magnitude of a DoRA whose update is zero."""
+    w = weight.detach()
+    return w.norm(dim=0) if kind in OUTPUT_COLUMNS else w.reshape(w.shape[0], -1).norm(dim=1)
 
 
 def magnitude_to_peft(kind: str, m: torch.Tensor, weight_shape: tuple[int, ...]) -> torch.Tensor:

@@ -284,6 +284,13 @@ def test_export_dora_on_conv_and_linear(tmp_path):
     export_and_check(text_cnn, WORDS, tmp_path / "peft", rank=3, targets=["conv", "head"], dora=True)
 
 
+def test_export_dora_on_embedding_and_conv1d(tmp_path):
+    """Their weights are stored transposed (output features are columns), and both
+    libraries keep one DoRA magnitude per output feature."""
+    export_and_check(text_cnn, WORDS, tmp_path / "embedding", rank=2, targets=["embed"], dora=True)
+    export_and_check(gpt2, TOKENS, tmp_path / "conv1d", rank=2, targets="*.c_attn", dora=True)
+
+
 def test_export_lstm_weights_through_target_parameters(tmp_path):
     """Eight weights of one LSTM: PEFT nests one wrapper per parameter, in registration order."""
     config = export_and_check(tagger, SEQUENCE, tmp_path / "peft", rank=3, targets=["LSTM", "head"])
@@ -378,14 +385,12 @@ def test_export_graph_linears_and_refuse_gat_attention_vectors(tmp_path, log_lin
             r"conv:weight: PEFT's LoRA conv pads with zeros, the layer with padding_mode='reflect'",
         ),
         (lambda: text_cnn(max_norm=1.0), "embed", False, r"embed:weight: PEFT renormalises its own LoRA table \(max_norm=1.0\)"),
-        (text_cnn, "embed", True, r"embed:weight: DoRA on an embedding: not translated yet"),
-        (gpt2, "*.c_attn", True, r"transformer.h.0.attn.c_attn:weight: DoRA on a transformers Conv1D"),
         (gpt2, None, False, r"transformer.wte:weight: its weight is shared with another module \(Linear; tied weights\)"),
         (lambda: nn.Sequential(nn.ConvTranspose2d(3, 4, 3)), None, False, r"0:weight: PEFT has no LoRA for ConvTranspose layers"),
         (lambda: nn.Sequential(nn.Conv2d(4, 8, 3, groups=2)), None, False, r"0:weight: a grouped conv \(groups=2\)"),
         (lambda: nn.Linear(4, 4), None, False, r"<root>:weight: PEFT cannot adapt the model's root module"),
     ],
-    ids=["dilated", "reflect-padded", "max-norm", "dora-embedding", "dora-conv1d", "tied", "conv-transpose", "grouped", "root"],
+    ids=["dilated", "reflect-padded", "max-norm", "tied", "conv-transpose", "grouped", "root"],
 )
 def test_export_refuses_what_peft_computes_otherwise(tmp_path, make, targets, dora, match):
     model = la.apply(make(), rank=2, targets=targets, dora=dora)
@@ -496,6 +501,11 @@ def test_import_gpt2_c_attn_conv1d(tmp_path):
 
 def test_import_embedding_conv1d_with_dora_on_the_conv(tmp_path):
     import_and_check(text_cnn, WORDS, tmp_path / "from_peft", r=3, target_modules=["conv", "head"], use_dora=True)
+
+
+def test_import_dora_on_embedding_and_conv1d(tmp_path):
+    import_and_check(text_cnn, WORDS, tmp_path / "embedding", r=3, target_modules=["embed"], use_dora=True)
+    import_and_check(gpt2, TOKENS, tmp_path / "conv1d", r=2, target_modules=["c_attn", "c_proj"], use_dora=True)
     import_and_check(text_cnn, WORDS, tmp_path / "plain", r=3, target_modules=["embed", "conv"])
 
 
@@ -663,16 +673,14 @@ def test_import_refuses_options_it_cannot_reproduce(tmp_path, change, match):
     [
         (lambda: text_cnn(dilation=2), dict(target_modules=["conv"]), r"conv \(Conv\): PEFT's LoRA conv ignores the layer's dilation"),
         (lambda: text_cnn(max_norm=1.0), dict(target_modules=["embed"]), r"embed \(Embedding\): PEFT renormalises its own LoRA table"),
-        (text_cnn, dict(target_modules=["embed"], use_dora=True), r"DoRA on an embedding"),
         (
             gpt2,
             dict(target_modules=["c_attn", "wte"]),
             r"transformer.wte \(Embedding\): its weight is shared with another module \(Linear; tied weights\)",
         ),
-        (gpt2, dict(target_modules=["c_attn"], use_dora=True), r"DoRA on a transformers Conv1D"),
         (attention_block, dict(target_modules=["out_proj"]), r"its parent attn \(MultiheadAttention\) reads attn.out_proj's weight itself"),
     ],
-    ids=["dilated", "max-norm", "dora-embedding", "tied", "dora-conv1d", "mha-out-proj"],
+    ids=["dilated", "max-norm", "tied", "mha-out-proj"],
 )
 def test_import_refuses_layers_peft_computes_otherwise(tmp_path, make, lora_config, match):
     peft_folder(make, tmp_path / "from_peft", r=2, **lora_config)

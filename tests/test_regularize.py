@@ -92,5 +92,5 @@ def test_trainer_takes_a_regularizer():
         ).fit()
         norms[weight] = delta_frobenius(model).item()
     assert norms[1.0] < 0.5 * norms[0.0]
-    with pytest.raises(la.LoraError, match="regularizer must be a function"):
+    with pytest.raises(la.LoraError, match="regularizer must be None or a function"):
         la.Trainer(model, data, task="image-classification", regularizer="l2")

@@ -85,7 +85,7 @@ def test_resuming_a_run_saved_every_few_epochs_continues_from_its_last_checkpoin
         ({"save_every": True}, "save_every"),
         ({"plot_every": 1.5}, "plot_every"),
         ({"tensorboard": True}, "give an out_dir"),
-        ({"tensorboard": "yes", "out_dir": "x"}, "tensorboard must be True or False"),
+        ({"tensorboard": "yes", "out_dir": "x"}, "tensorboard must be true or false"),
     ],
 )
 def test_output_options_are_checked(options, message) -> None:

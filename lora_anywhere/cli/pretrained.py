@@ -72,16 +72,16 @@ def resolve(value: str, spec: str, base: Path) -> Weights:
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise ConfigError(
-                    f"base weights {path} is a folder without config.json; give a weights file, or a transformers model folder (save_pretrained)"
+                    f"[model] weights must be a weights file or a transformers model folder: {path} is a folder without config.json; give a weights file, or a transformers model folder (save_pretrained)"
                 )
             if not spec.startswith("hf:"):
-                raise ConfigError(f"base weights {path} is a transformers model folder; use it with an hf: model spec (e.g. hf:BertModel)")
+                raise ConfigError(f"[model] weights must fit the spec: {path} is a transformers model folder; use it with an hf: model spec (e.g. hf:BertModel)")
             return Weights("transformers", path.resolve())
         return Weights("file", path.resolve())
     if spec.startswith("torchvision:") and TORCHVISION_NAME.match(value):
         return _torchvision_weights(value, spec.partition(":")[2])
     raise ConfigError(
-        f"base weights {path} do not exist; give a weights file (.safetensors or a torch state_dict), a transformers model folder, "
+        f"[model] weights must be an existing path: base weights {path} do not exist; give a weights file (.safetensors or a torch state_dict), a transformers model folder, "
         "or for a torchvision: model a weights name such as ResNet18_Weights.IMAGENET1K_V1"
     )
 

@@ -32,6 +32,7 @@ from ..atomic import atomic_file
 from ..errors import ConfigError
 from ..log import logger
 from . import optim
+from .data import to_device
 from .options import POSITIVE, Kind, check, integer
 from .tasks import Task
 
@@ -153,8 +154,6 @@ def sweep(
 
 
 def _step(trainer: Trainer, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any) -> float:
-    from .data import to_device
-
     with trainer._autocast():
         objective = trainer.task.step(model, to_device(batch, trainer.device), train=True).loss
         if trainer.regularizer is not None:

@@ -168,4 +168,9 @@ TRAINER: dict[str, Kind] = {
     "regularizer": NONE | FUNCTION,
     "regularizer_weight": NON_NEGATIVE,
     "weight": NONE | NON_NEGATIVE,
+    "save_every": integer(1),
+    "plot_every": NONE | integer(1),
+    "tensorboard": BOOLEAN,
+    "class_names": NONE | strings(),
+    "strategy": choice("ddp", "fsdp"),
 }

@@ -124,14 +124,6 @@ class Trainer:
         options.check({k: v for k, v in locals().items() if k in options.TRAINER}, options.TRAINER)
         _check(patience is None or val_data is not None, "early stopping (patience=...) needs val_data to watch")
         _check(not resume or out_dir is not None, "resume=True needs the out_dir the interrupted run wrote to")
-        _check(
-            _whole(save_every), f"save_every (epochs between checkpoints in out_dir/last) must be a positive integer, got {save_every!r}"
-        )
-        _check(
-            plot_every is None or _whole(plot_every),
-            f"plot_every must be None (curves.png at the end) or a positive integer, got {plot_every!r}",
-        )
-        _check(isinstance(tensorboard, bool), f"tensorboard must be True or False, got {tensorboard!r}")
         _check(not tensorboard or out_dir is not None, "tensorboard=True writes to out_dir/tensorboard; give an out_dir")
         self.adapter, self.trainable_modules, self.saved = _what_trains(model, adapter)
 
@@ -815,11 +807,6 @@ def _schedule(kind: str, warmup: int, total: int) -> Callable[[int], float]:
 
 def _minimise(monitor: str) -> bool:
     return "loss" in monitor
-
-
-def _whole(value: Any) -> bool:
-    """A positive integer (not a bool)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _check(ok: bool, message: str) -> None:

@@ -93,7 +93,7 @@ def apply(
     rule offers it takes that route). ``rslora`` scales by alpha/√rank instead of
     alpha/rank. ``init="svd"`` starts A and B from the top singular directions of each
     weight (PiSSA; the output is unchanged at init). ``dora`` learns a magnitude per
-    output row besides the low-rank direction (DoRA; weight route). If anything fails,
+    output feature besides the low-rank direction (DoRA; weight route). If anything fails,
     the model is left exactly as it was.
     """
     wrapper, model = model, unwrap(model)

@@ -23,7 +23,7 @@ quiet "$py" -m pip install -q --upgrade pip
 # torchaudio first pulls a torch of its own choosing unless torch is pinned with it.
 quiet "$py" -m pip install -q -c "$pins" torch torchvision
 quiet "$py" -m pip install -q -c "$pins" torch torchaudio
-"$py" -m pip install -q -c "$pins" -e "$root[all,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+"$py" -m pip install -q -c "$pins" -e "$root[all,dev,docs]" 2>&1 | grep -v "^WARNING: Location" || true
 "$py" -c "import torch, torchvision, torchaudio, lora_anywhere" || { echo "[setup] failed: see pip output above" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "[setup] done" >&2

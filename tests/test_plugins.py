@@ -91,19 +91,7 @@ def test_misspelt_hook_is_caught():
     assert "typo" not in {p.name for p in la.plugins()}
 
 
-def test_readme_plugin_snippet_runs():
-    import re
-    from pathlib import Path
-
-    readme = Path(__file__).parent.parent.joinpath("README.md").read_text()
-    snippet = re.search(r"## Writing a plugin.*?```python\n(.*?)```", readme, re.S).group(1)
-    snippet = snippet.replace('name="mypackage"', 'name="readme-example"')
-    namespace: dict = {}
-    try:
-        exec(compile(snippet, "README.md", "exec"), namespace)
-        assert len(la.summary(namespace["model"]).rows) == 2
-    finally:
-        la.unregister_plugin("readme-example")
+# The plugin example in docs/writing-plugins.md runs in tests/test_docs.py.
 
 
 ENTRY_POINT_PROBE = textwrap.dedent(

@@ -554,41 +554,4 @@ def test_ctrl_c_forwarded_twice_at_once_still_saves_and_a_later_one_quits() -> N
     assert signal.getsignal(signal.SIGINT) is before
 
 
-# ----------------------------------------------------------------------------- the docs' examples
-
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "trainer.md"
-
-
-def _doc_examples() -> list:
-    """Every complete script in docs/trainer.md (a block that imports lora_anywhere),
-    named by the heading above it."""
-    import re
-
-    text = DOCS.read_text()
-    found = []
-    for match in re.finditer(r"```python\n(.*?)```", text, re.S):
-        if "import lora_anywhere" in match.group(1):
-            heading = re.findall(r"^#+ (.*)$", text[: match.start()], re.M)[-1]
-            found.append(pytest.param(match.group(1), text[: match.start()].count("\n") + 2, id=heading))
-    return found
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("code, line", _doc_examples())
-def test_doc_example_runs_and_learns(code: str, line: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import ast
-    import contextlib
-    import io
-    import re
-
-    for module in dict.fromkeys(re.findall(r"^(?:from|import) (\w+)", code, re.M)):
-        pytest.importorskip(module)
-    monkeypatch.chdir(tmp_path)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(code, f"{DOCS}:{line}", "exec"), {"__name__": "__main__"})
-    printed = out.getvalue().strip().splitlines()
-    if printed:  # the examples print the validation (or test) accuracy last
-        last = printed[-1].split("#")[0]
-        accuracy = float(last) if not last.startswith("{") else ast.literal_eval(last)["accuracy"]
-        assert accuracy >= 0.8, printed
+# The examples in docs/trainer.md run, and check that they learn, in tests/test_docs.py.

@@ -75,7 +75,9 @@ def resolve(value: str, spec: str, base: Path) -> Weights:
                     f"[model] weights must be a weights file or a transformers model folder: {path} is a folder without config.json; give a weights file, or a transformers model folder (save_pretrained)"
                 )
             if not spec.startswith("hf:"):
-                raise ConfigError(f"[model] weights must fit the spec: {path} is a transformers model folder; use it with an hf: model spec (e.g. hf:BertModel)")
+                raise ConfigError(
+                    f"[model] weights must fit the spec: {path} is a transformers model folder; use it with an hf: model spec (e.g. hf:BertModel)"
+                )
             return Weights("transformers", path.resolve())
         return Weights("file", path.resolve())
     if spec.startswith("torchvision:") and TORCHVISION_NAME.match(value):

@@ -58,7 +58,8 @@ class Trainer:
     ``train_data``/``val_data`` may be a Dataset, a DataLoader, a list of batches, or
     (node classification) one graph. ``task`` is a name (``"image-classification"``,
     ``"node-classification"``, ``"graph-classification"``, ``"audio-classification"``,
-    ``"text-classification"``, or one a plugin registers), a `Task`, or a function
+    ``"text-classification"``, ``"token-classification"``, ``"frame-classification"``,
+    ``"multi-label-classification"``, ``"regression"``, or one a plugin registers), a `Task`, or a function
     ``loss = fn(model, batch)``.
 
     ``warmup`` is a number of optimizer steps, or a fraction of all of them if below

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import attach
-from .adapter import ResolvedTarget
+from .adapter import LayerAdapter, ResolvedTarget
 from .adapter_config import FORMAT, AdapterConfig, TargetRecord
 from .api import check_model, check_name, install, remove
 from .atomic import atomic_dir, recover
@@ -67,6 +67,21 @@ def _adapter_name(model: nn.Module, name: str | None) -> str:
     return name
 
 
+def _live_adapter(model: nn.Module, layer_name: str, name: str) -> LayerAdapter:
+    """The adapter `name` on the layer the config lists, or a clear error when the model
+    changed under it after `apply` (a layer replaced or deleted)."""
+    try:
+        adapters = model.get_submodule(layer_name)._modules.get(attach.ADAPTERS)
+    except AttributeError:  # the layer itself is gone
+        adapters = None
+    if adapters is None or name not in adapters:
+        raise NotAdaptedError(
+            f"layer {layer_name!r} was adapted by {name!r} but carries no adapter now: it was replaced or removed after apply. "
+            "Change the model first, then apply (or remove the adapter and apply again)"
+        )
+    return adapters[name]
+
+
 def _factor_key(layer: str, target: str, factor: str) -> str:
     return f"{LORA}{layer}/{target}/{factor}"
 
@@ -91,7 +106,7 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
     reshard(model)  # FSDP2: every tensor a shard (DTensor), none freed while read
     out: dict[str, torch.Tensor] = {}
     for layer_name in config.layers:
-        adapter = model.get_submodule(layer_name)._modules[attach.ADAPTERS][name]
+        adapter = _live_adapter(model, layer_name, name)
         for key, value in adapter.saved_tensors().items():
             out[f"{LORA}{layer_name}/{key}"] = value.detach()
     for module_name in config.trainable:

@@ -569,3 +569,11 @@ def test_buffers_an_eval_loop_left_alone_are_not_saved():
         model(torch.randn(2, 3, 32, 32))
     assert not [k for k in la.adapter_state_dict(model) if k.startswith("buffers/")]
     assert model_state(model).base  # remembered all the same
+
+
+def test_saving_after_an_adapted_layer_was_replaced_says_what_happened(tmp_path) -> None:
+    model = la.apply(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), rank=2)
+    model[2] = nn.Linear(4, 3)  # a new head after apply
+    with pytest.raises(la.NotAdaptedError, match="'2' was adapted by 'default' but carries no adapter now"):
+        la.save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()

@@ -288,8 +288,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     wrapper, model = model, unwrap(model)
     check_model(model)
     refuse_sharded(*model.parameters(), what="loading an adapter", fix=ADD_BEFORE_SHARDING)
-    if peft_format.is_peft_folder(recover(Path(path))):
-        config, tensors = peft_format.read_peft(model, recover(Path(path)))
+    folder = recover(Path(path))  # a write that died between two renames
+    if peft_format.is_peft_folder(folder):
+        config, tensors = peft_format.read_peft(model, folder)
         _refuse(
             path, _file_problems(config, tensors), "does not translate into a consistent adapter", "report it as a bug", AdapterFileError
         )

@@ -318,11 +318,11 @@ def _peft_tensors(plan: ExportPlan) -> tuple[dict[str, torch.Tensor], dict[Site,
             key_a, key_b, key_m = site.keys(part)
             out[key_a], out[key_b] = to_peft(site.kind, a, b, tuple(weight.shape))
             if plan.config.dora:
-                magnitude = base_magnitude(site.kind, weight)  # features no block adapts keep their norm
-                for blk in parts[part]:
-                    if site.kind in OUTPUT_COLUMNS:  # one block, whole: its magnitudes are the columns'
-                        magnitude = blk.magnitude.clone()
-                    else:
+                if site.kind in OUTPUT_COLUMNS:  # one whole block (`_why_not_dora`): its magnitudes are the columns'
+                    magnitude = parts[part][0].magnitude.clone()
+                else:
+                    magnitude = base_magnitude(site.kind, weight)  # rows no block adapts keep their norm
+                    for blk in parts[part]:
                         magnitude[blk.rows[0] : blk.rows[1]] = blk.magnitude
                 out[key_m] = magnitude_to_peft(site.kind, magnitude, tuple(weight.shape))
         ranks[site] = (rank, scale)

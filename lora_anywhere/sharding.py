@@ -103,6 +103,17 @@ def gathered(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     return out, sharded
 
 
+@torch.no_grad()
+def copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target.copy_(value)``, also when `target` is a shard: each rank keeps its part
+    of the whole `value` it read (no communication)."""
+    if is_sharded(target):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None)
+    target.copy_(value)
+
+
 def write_on_one_rank(sharded: bool, write: Callable[[], Any]) -> Any:
     """Run `write` here, or — for a sharded model, whose every rank holds the same
     gathered tensors — on rank 0 only, and tell every rank whether it worked, so that

@@ -22,6 +22,7 @@ from torch import nn
 
 from . import api, attach, io
 from .adapter import LowRank
+from .state import bitwise_equal
 from .summary import summary
 
 Inputs = Any  # a tuple of positional args, a dict of keyword args, or a callable(model)
@@ -150,3 +151,13 @@ def check_exact(
     remove_err = max_error(adapted, run(model, inputs))
     assert remove_err <= tol, f"remove(merge=True) output differs by {remove_err:.2e}"
     return Report(report_summary.coverage, len(report_summary.rows), init, change, merge_err, unmerge_err, load_err, remove_err)
+
+
+def assert_same_fingerprint(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Two snapshots of a model are the same: every tensor under ``"tensors"`` to the bit
+    (NaN and -0.0 included), every other entry equal. For tests that a refused call
+    left the model exactly as it was."""
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for key, value in before["tensors"].items():
+        assert bitwise_equal(after["tensors"][key], value), key
+    assert {k: v for k, v in after.items() if k != "tensors"} == {k: v for k, v in before.items() if k != "tensors"}

@@ -19,8 +19,8 @@ from torch import nn
 
 import lora_anywhere as la
 from lora_anywhere import io as la_io
-from lora_anywhere.state import bitwise_equal, model_state
-from lora_anywhere.testing import randomize_adapters
+from lora_anywhere.state import model_state
+from lora_anywhere.testing import assert_same_fingerprint, randomize_adapters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,11 +84,7 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
 
 
 def assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
-    after = fingerprint(model)
-    assert after["tensors"].keys() == before["tensors"].keys()
-    for key, value in before["tensors"].items():
-        assert bitwise_equal(after["tensors"][key], value), key
-    assert {k: v for k, v in after.items() if k != "tensors"} == {k: v for k, v in before.items() if k != "tensors"}
+    assert_same_fingerprint(before, fingerprint(model))
 
 
 def targets_for_refusal() -> list[nn.Module]:

@@ -16,7 +16,7 @@ import lora_anywhere as la
 from lora_anywhere import attach
 from lora_anywhere.registry import registry
 from lora_anywhere.state import bitwise_equal, model_state
-from lora_anywhere.testing import randomize_adapters
+from lora_anywhere.testing import assert_same_fingerprint, randomize_adapters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,11 +36,7 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
 
 
 def assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
-    after = fingerprint(model)
-    assert after["tensors"].keys() == before["tensors"].keys()
-    for key, value in before["tensors"].items():
-        assert bitwise_equal(after["tensors"][key], value), key
-    assert {k: v for k, v in after.items() if k != "tensors"} == {k: v for k, v in before.items() if k != "tensors"}
+    assert_same_fingerprint(before, fingerprint(model))
 
 
 # ----------------------------------------------------------------------------- set_adapter

@@ -326,6 +326,12 @@ def _ranks(text: str) -> list[int]:
     return ranks
 
 
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """What `evaluate` and `predict` take to find a trained run and its adapter."""
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder `train` wrote")
+    p.add_argument("--adapter", default=None, help="adapter (the final one, default), best, last, or an adapter folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-anywhere",
@@ -438,9 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a trained run's adapter on its validation, test or training data",
                        description="Rebuild the model a `train` run recorded, load its adapter, and print the loss and metrics "
                        "(accuracy, macro-F1, per-class accuracy) on one split of its data.")  # fmt: skip
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder `train` wrote")
+    _add_run_args(p)
     p.add_argument("--split", choices=("val", "test", "train"), default="val", help="which data (default val; test needs [data] test)")
-    p.add_argument("--adapter", default=None, help="adapter (the final one, default), best, last, or an adapter folder")
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: the run's)")
     p.add_argument("--batch-size", type=_positive, default=None, help="default: the run's")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the report (metrics, per-class accuracy, confusion matrix)")
@@ -450,9 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Rebuild the model a `train` run recorded, load its adapter, read the inputs as its [data] kind "
                        "reads files (the same resizing, normalisation, tokenizer) and print (or write) one CSV row per input: "
                        "input, label, probability. A node-classification run predicts every node of its own graph.")  # fmt: skip
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder `train` wrote")
+    _add_run_args(p)
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="files or folders (images, audio); CSV or text files (texts, one per line)")
-    p.add_argument("--adapter", default=None, help="adapter (the final one, default), best, last, or an adapter folder")
     p.add_argument("--out", metavar="FILE", default=None, help="write the CSV here instead of printing it")
     p.add_argument("--batch-size", type=_positive, default=32, help="default 32")
     p.set_defaults(run=_cmd_predict)

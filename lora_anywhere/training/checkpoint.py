@@ -21,6 +21,7 @@ from torch import nn
 from ..atomic import atomic_dir
 from ..errors import AdapterFileError, ShapeMismatchError
 from ..io import adapter_state_dict, read_adapter, save_adapter, write_adapter
+from ..sharding import copy_into
 
 MODEL_FILE = "model.safetensors"
 MODEL_FORMAT = "lora_anywhere.trained/1"
@@ -67,8 +68,6 @@ class ModelTensors:
     @torch.no_grad()
     def copy_in(self, saved: dict[str, torch.Tensor]) -> None:
         """Copy checked tensors in place (each rank its part, where FSDP2 shards them)."""
-        from .distributed import copy_into
-
         for key, tensor in self.live().items():
             copy_into(tensor, saved[key])
 

@@ -170,17 +170,6 @@ def strategy(name: Any, world_size: int, device: torch.device) -> Strategy:
     return (ShardedStrategy if name == "fsdp" else Strategy)(world_size, device)
 
 
-@torch.no_grad()
-def copy_into(target: torch.Tensor, value: torch.Tensor) -> None:
-    """``target.copy_(value)``, also when `target` is a shard: each rank keeps its part
-    of the whole `value` it read (no communication)."""
-    if is_sharded(target):
-        from torch.distributed.tensor import distribute_tensor
-
-        value = distribute_tensor(value.to(target.dtype), target.device_mesh, target.placements, src_data_rank=None)
-    target.copy_(value)
-
-
 @contextlib.contextmanager
 def _gradient_sync_off(net: nn.Module) -> Iterator[None]:
     units = [m for m in net.modules() if hasattr(m, "set_requires_gradient_sync")]

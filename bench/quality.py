@@ -68,6 +68,8 @@ QUICK_GRID = (3e-3, 3e-2)
 #: LoRA's extra runs: adapter and trainable modules at different rates; LoRA+.
 ADAPTER_RATES, TRAINABLE_RATES = (1e-2, 3e-2), (3e-3, 1e-2, 3e-2, 1e-1)
 LORAPLUS_RATES, LORAPLUS_RATIOS = (3e-3, 1e-2), (4, 16)
+#: LoRA's warmup runs: the first share of the optimizer steps ramps the rates up.
+WARMUPS = (0.1,)
 TASKS = (*REAL, *DOMAINS)
 #: Seeds per task: the small graphs vary far more from split to split, and cost little.
 SEEDS = {"karate": 10, "lesmis": 10}
@@ -123,10 +125,9 @@ def fresh(domain: Domain, base: dict[str, torch.Tensor], classes_a: int, classes
 
 
 def train_b(
-    domain: Domain, model: nn.Module, data: Data, *, lr: Any, epochs: int, seed: int, loraplus_ratio: float = 1.0
+    domain: Domain, model: nn.Module, data: Data, *, epochs: int, seed: int, options: dict[str, Any]
 ) -> tuple[Trainer, dict[str, Any]]:
-    """Task B with nothing but the task's budget set (and `lr` unless None)."""
-    options = ({} if lr is None else {"lr": lr}) | ({} if loraplus_ratio == 1.0 else {"loraplus_ratio": loraplus_ratio})
+    """Task B with nothing but the task's budget and the setting's `options` set."""
     trainer = Trainer(
         model, data.train, data.val, task=domain.task, epochs=epochs, batch_size=domain.batch_size, progress=False, device="cpu",
         seed=seed, **options,
@@ -142,7 +143,7 @@ def train_b(
         "val_loss": history[-1]["val_loss"],
         "seconds": seconds,
     }
-    if lr == "find":
+    if options.get("lr") == "find":
         curve = trainer.range_test
         row.update(found_lr=curve.suggestion, curve={"lr": curve.lrs, "smoothed": curve.smoothed})
     return trainer, row
@@ -158,17 +159,19 @@ def grid_of(method: str, override: tuple[float, ...] | None = None) -> tuple[flo
     return override if override is not None else GRID.get(method, ADAPTED_GRID)
 
 
-def settings(method: str, grid: tuple[float, ...] | None, explore: bool) -> dict[str, tuple[Any, float]]:
-    """The runs of one method, by name: (lr, loraplus_ratio). LoRA also runs with
-    ``lr="find"``; with `explore`, also with the adapter and the trainable modules at
-    different rates, and with LoRA+ (B at 4× or 16× A's rate)."""
-    out: dict[str, tuple[Any, float]] = {"default": (None, 1.0), **{f"{lr:g}": (lr, 1.0) for lr in grid_of(method, grid)}}
+def settings(method: str, grid: tuple[float, ...] | None, explore: bool) -> dict[str, dict[str, Any]]:
+    """The runs of one method, by name: the Trainer options each sets. LoRA also runs
+    with ``lr="find"``; with `explore`, also with the adapter and the trainable modules
+    at different rates, with LoRA+ (B at 4× or 16× A's rate) and with a warmup."""
+    out: dict[str, dict[str, Any]] = {"default": {}, **{f"{lr:g}": {"lr": lr} for lr in grid_of(method, grid)}}
     if method == "LoRA":
-        out["find"] = ("find", 1.0)
+        out["find"] = {"lr": "find"}
         if explore:
             for a in ADAPTER_RATES:
-                out.update({f"adapter {a:g}, trainable {t:g}": ({"adapter": a, "trainable": t}, 1.0) for t in TRAINABLE_RATES if t != a})
-            out.update({f"{lr:g}, B ×{ratio}": (lr, float(ratio)) for lr in LORAPLUS_RATES for ratio in LORAPLUS_RATIOS})
+                out.update({f"adapter {a:g}, trainable {t:g}": {"lr": {"adapter": a, "trainable": t}} for t in TRAINABLE_RATES if t != a})
+            out.update({f"{lr:g}, B ×{ratio}": {"lr": lr, "loraplus_ratio": float(ratio)} for lr in LORAPLUS_RATES for ratio in LORAPLUS_RATIOS})
+            out.update({f"default, warmup {w:g}": {"warmup": w} for w in WARMUPS})
+            out.update({f"adapter 0.03, trainable 0.1, warmup {w:g}": {"lr": {"trainable": 0.1}, "warmup": w} for w in WARMUPS})
     return out
 
 
@@ -182,10 +185,8 @@ def run_task(
     domain, data_for, resplit = task_setup(name, quick)
     epochs_a = max(2, domain.epochs_a // 4) if quick and not resplit else domain.epochs_a
     epochs_b = max(2, domain.epochs_b // 4) if quick and not resplit else domain.epochs_b
-    plain = {m: settings(m, grid, False) for m in METHODS}
     plan = {
-        m: {s: v for s, v in settings(m, grid, explore).items() if only is None or s in only or (explore and s not in plain[m])}
-        for m in METHODS
+        m: {s: v for s, v in settings(m, grid, explore).items() if only is None or s in only} for m in METHODS
     }
     kept = (previous or {}).get("methods", {}) if (only or resume) else {}
     runs = {m: dict(kept.get(m, {}).get("runs", {})) for m in METHODS}
@@ -211,9 +212,9 @@ def run_task(
             base = pretrain(domain, data_a, epochs_a)
             task_a.append(base[1])
         for method in METHODS:
-            for setting, (lr, ratio) in todo[method].items():
+            for setting, options in todo[method].items():
                 model = adapt(domain, method, fresh(domain, base[0], data_a.classes, data_b.classes, seed))
-                _, row = train_b(domain, model, data_b, lr=lr, epochs=epochs_b, seed=seed, loraplus_ratio=ratio)
+                _, row = train_b(domain, model, data_b, epochs=epochs_b, seed=seed, options=options)
                 runs[method][setting].append(row)
             if method not in sizes:  # what it trains and saves: the same whatever the rate
                 model = adapt(domain, method, fresh(domain, base[0], data_a.classes, data_b.classes, seed))
@@ -358,7 +359,7 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
     parser.add_argument("--quick", action="store_true", help="1 seed, the demo's --fast data, two rates (a smoke test)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per task (default 3; 10 on the small graphs)")
-    parser.add_argument("--settings", default=None, help="rerun only these settings (comma-separated, e.g. default,find); keep the others")
+    parser.add_argument("--settings", default=None, help="rerun only these settings (separated by ';', e.g. 'default;find' or, with --explore, 'adapter 0.01, trainable 0.1'); keep the others")
     parser.add_argument(
         "--explore", action="store_true", help="LoRA also with the adapter and trainable modules at different rates, and LoRA+"
     )
@@ -376,7 +377,7 @@ def main() -> None:
     path = args.out / f"{stem}.json"
     results = json.loads(path.read_text())["results"] if path.is_file() else {}
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "python": sys.version.split()[0]}
-    only = set(args.settings.split(",")) if args.settings else None
+    only = {x.strip() for x in args.settings.split(";")} if args.settings else None
     grid = tuple(float(r) for r in args.grid.split(",")) if args.grid else (QUICK_GRID if args.quick else None)
 
     def save(result: dict[str, Any]) -> None:

@@ -18,8 +18,8 @@ _conv_backward = torch.ops.aten.convolution_backward.default
 
 
 class FusedLinearLoRA(torch.autograd.Function):
-    """The base matmul as in the frozen layer, A's projection z = x Aᵀ (r columns),
-    and ``s·z Bᵀ`` accumulated into the output in place. (One matmul over ``[W; A]``
+    """The base matmul as in the frozen layer, A's projection z = x Aᵀ (kept as its
+    r × N transpose), and ``s·z Bᵀ`` accumulated into the output in place. (One matmul over ``[W; A]``
     reads x once but must copy W and then split its output: measured slower, by up
     to 13 % of the frozen layer's step, on ViT-S and ViT-B shapes.)"""
 
@@ -36,11 +36,12 @@ class FusedLinearLoRA(torch.autograd.Function):
             torch.mm(x2, weight.t(), out=y2)
         else:
             torch.addmm(bias, x2, weight.t(), out=y2)
-        z = x2 @ a.t()
-        y2.addmm_(z, b.t(), alpha=scale)
+        # A's projection with r rows, never r columns: see `backward`.
+        z_t = a @ x2.t()  # (r, N)
+        y2.addmm_(z_t.t(), b.t(), alpha=scale)
         # x is kept only for weight gradients: with A frozen (LoRA-FA) it is not.
         keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
-        ctx.save_for_backward(x if keep_x else None, weight, a, b, z)
+        ctx.save_for_backward(x if keep_x else None, weight, a, b, z_t)
         ctx.x_shape = x.shape
         ctx.scale = scale
         ctx.has_bias = bias is not None
@@ -48,19 +49,22 @@ class FusedLinearLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, a, b, z = ctx.saved_tensors
+        x, weight, a, b, z_t = ctx.saved_tensors
         s = ctx.scale
         need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
         x2 = x.reshape(-1, x.shape[-1]) if x is not None else None
-        gz = (g @ b) * s  # (N, r)
+        # The rank-r products are formed with r rows (r × N, r × out), never r
+        # columns: same FLOPs, but BLAS runs the N × r and out × r shapes up to 6×
+        # slower on the CPU (bench/skinny_matmul.py).
+        gz_t = (b.t() * s) @ g.t()  # (r, N)
         gx = gw = gbias = ga = gb = None
         if need_x:
-            gx = (g @ weight).addmm_(gz, a).view(ctx.x_shape)
+            gx = (g @ weight).addmm_(gz_t.t(), a).view(ctx.x_shape)
         if need_a:
-            ga = gz.t() @ x2
+            ga = gz_t @ x2
         if need_b:
-            gb = (g.t() @ z.reshape(-1, z.shape[-1])) * s
+            gb = ((z_t @ g) * s).t().contiguous()
         if need_w:
             gw = g.t() @ x2
         if need_bias and ctx.has_bias:
@@ -143,8 +147,8 @@ class FusedConvLoRA(torch.autograd.Function):
         dims = weight.dim() - 2
         n, out, r = grad.shape[0], weight.shape[0], a_kernel.shape[0]
         g_rows, z_rows = channel_rows(grad), channel_rows(z)
-        if g_rows is not None and z_rows is not None:  # channels_last
-            gz = (g_rows @ (b * scale)).view(n, *grad.shape[2:], r).movedim(-1, 1)
+        if g_rows is not None and z_rows is not None:  # channels_last; r rows, as in FusedLinearLoRA
+            gz = ((b.t() * scale) @ g_rows.t()).view(r, n, *grad.shape[2:]).movedim(0, 1)
         else:
             grad = grad.contiguous()
             g3 = grad.view(n, out, -1)
@@ -174,9 +178,9 @@ class FusedConvLoRA(torch.autograd.Function):
             gw = _conv_backward(grad, x, weight, None, stride, padding, dilation, False, no_pad, 1, [False, True, False])[1]
         if need_b:
             if g_rows is not None and z_rows is not None:
-                gb = (g_rows.t() @ z_rows) * scale
+                gb = ((z_rows.t() @ g_rows) * scale).t().contiguous()
             else:
-                gb = torch.bmm(g3, z.reshape(n, r, -1).transpose(1, 2)).sum(0) * scale
+                gb = (torch.bmm(z.reshape(n, r, -1), g3.transpose(1, 2)).sum(0) * scale).t().contiguous()
         if need_bias and has_bias:
             gbias = grad.sum(dim=[0, *range(2, grad.dim())])
         return gx, gw, gbias, ga, gb, None, None, None, None

@@ -1,0 +1,108 @@
+"""The rank-r products of LoRA's forward and backward, formed two ways: with r columns (how the
+textbook writes them, and how autograd forms them for PEFT's nn.Linear A and B) and
+with r rows (how `lora_anywhere.kernels` forms them). Same numbers, same FLOPs; only
+the shape BLAS is asked for differs.
+
+    .venv/bin/python bench/skinny_matmul.py [--quick]
+
+Shapes are the layers of the benchmark models (ViT-S at 224 px, batch 8; ResNet-50's
+convs at 160 px as position rows). Each product is timed in ``--runs`` groups of
+interleaved repeats; the table gives the median time and the range of the groups'
+medians. Writes bench/results/skinny_matmul.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lora_anywhere.atomic import atomic_file
+
+RESULTS = Path(__file__).parent / "results"
+RANK = 8
+# (label, rows N, in, out)
+SHAPES = [
+    ("ViT-S qkv", 8 * 197, 384, 1152),
+    ("ViT-S fc1", 8 * 197, 384, 1536),
+    ("ViT-S fc2", 8 * 197, 1536, 384),
+    ("ResNet-50 1×1 64→256 at 40×40", 8 * 1600, 64, 256),
+    ("ResNet-50 1×1 512→2048 at 5×5", 8 * 25, 512, 2048),
+]
+
+
+def products(n: int, cols: int, out: int) -> dict[str, tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]]:
+    """Per product: (r columns, r rows). g is the output gradient (N × out), z = x Aᵀ."""
+    x, a = torch.randn(n, cols), torch.randn(RANK, cols)
+    g, z, b = torch.randn(n, out), torch.randn(n, RANK), torch.randn(out, RANK)
+    return {
+        "z = x Aᵀ (N × r)": (lambda: x @ a.t(), lambda: (a @ x.t()).t()),
+        "gz = g B (N × r)": (lambda: g @ b, lambda: (b.t() @ g.t()).t()),
+        "grad B = gᵀ z (out × r)": (lambda: g.t() @ z, lambda: (z.t() @ g).t()),
+    }
+
+
+def timed(fn: Callable[[], torch.Tensor]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--runs", type=int, default=3, help="groups of repeats whose medians give the spread")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    repeats = 5 if args.quick else 20
+    torch.manual_seed(0)
+    rows = []
+    for label, n, cols, out in SHAPES:
+        for product, (columns, rows_first) in products(n, cols, out).items():
+            torch.testing.assert_close(columns(), rows_first(), rtol=1e-4, atol=1e-3)
+            groups: dict[str, list[float]] = {"r columns": [], "r rows": []}
+            for _ in range(args.runs):
+                times: dict[str, list[float]] = {"r columns": [], "r rows": []}
+                for _ in range(repeats):
+                    times["r columns"].append(timed(columns))
+                    times["r rows"].append(timed(rows_first))
+                for k, v in times.items():
+                    groups[k].append(statistics.median(v))
+            row = {
+                "shape": label,
+                "product": product,
+                **{k: {"median_ms": 1000 * statistics.median(v), "min_ms": 1000 * min(v), "max_ms": 1000 * max(v)} for k, v in groups.items()},
+            }
+            rows.append(row)
+            print(f"{label:<32} {product:<26} r columns {row['r columns']['median_ms']:.3f} ms  r rows {row['r rows']['median_ms']:.3f} ms", flush=True)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "python": sys.version.split()[0]}
+    lines = [
+        f"LoRA's rank-{RANK} products with r columns vs r rows: median of {repeats} interleaved repeats, "
+        f"range of the medians of {args.runs} groups. {meta}",
+        "",
+        "| layer | product | r columns | r rows | columns ÷ rows |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        c, w = r["r columns"], r["r rows"]
+        lines.append(
+            f"| {r['shape']} | {r['product']} | {c['median_ms']:.3f} ms ({c['min_ms']:.3f}–{c['max_ms']:.3f}) | "
+            f"{w['median_ms']:.3f} ms ({w['min_ms']:.3f}–{w['max_ms']:.3f}) | {c['median_ms'] / w['median_ms']:.1f}× |"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    with atomic_file(args.out / "skinny_matmul.json") as tmp:
+        tmp.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    with atomic_file(args.out / "skinny_matmul.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

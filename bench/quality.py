@@ -169,7 +169,9 @@ def settings(method: str, grid: tuple[float, ...] | None, explore: bool) -> dict
         if explore:
             for a in ADAPTER_RATES:
                 out.update({f"adapter {a:g}, trainable {t:g}": {"lr": {"adapter": a, "trainable": t}} for t in TRAINABLE_RATES if t != a})
-            out.update({f"{lr:g}, B ×{ratio}": {"lr": lr, "loraplus_ratio": float(ratio)} for lr in LORAPLUS_RATES for ratio in LORAPLUS_RATIOS})
+            out.update(
+                {f"{lr:g}, B ×{ratio}": {"lr": lr, "loraplus_ratio": float(ratio)} for lr in LORAPLUS_RATES for ratio in LORAPLUS_RATIOS}
+            )
             out.update({f"default, warmup {w:g}": {"warmup": w} for w in WARMUPS})
             out.update({f"adapter 0.03, trainable 0.1, warmup {w:g}": {"lr": {"trainable": 0.1}, "warmup": w} for w in WARMUPS})
     return out
@@ -185,9 +187,7 @@ def run_task(
     domain, data_for, resplit = task_setup(name, quick)
     epochs_a = max(2, domain.epochs_a // 4) if quick and not resplit else domain.epochs_a
     epochs_b = max(2, domain.epochs_b // 4) if quick and not resplit else domain.epochs_b
-    plan = {
-        m: {s: v for s, v in settings(m, grid, explore).items() if only is None or s in only} for m in METHODS
-    }
+    plan = {m: {s: v for s, v in settings(m, grid, explore).items() if only is None or s in only} for m in METHODS}
     kept = (previous or {}).get("methods", {}) if (only or resume) else {}
     runs = {m: dict(kept.get(m, {}).get("runs", {})) for m in METHODS}
     for m in METHODS:
@@ -359,7 +359,11 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
     parser.add_argument("--quick", action="store_true", help="1 seed, the demo's --fast data, two rates (a smoke test)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per task (default 3; 10 on the small graphs)")
-    parser.add_argument("--settings", default=None, help="rerun only these settings (separated by ';', e.g. 'default;find' or, with --explore, 'adapter 0.01, trainable 0.1'); keep the others")
+    parser.add_argument(
+        "--settings",
+        default=None,
+        help="rerun only these settings (separated by ';', e.g. 'default;find' or, with --explore, 'adapter 0.01, trainable 0.1'); keep the others",
+    )
     parser.add_argument(
         "--explore", action="store_true", help="LoRA also with the adapter and trainable modules at different rates, and LoRA+"
     )

@@ -78,10 +78,16 @@ def main() -> None:
             row = {
                 "shape": label,
                 "product": product,
-                **{k: {"median_ms": 1000 * statistics.median(v), "min_ms": 1000 * min(v), "max_ms": 1000 * max(v)} for k, v in groups.items()},
+                **{
+                    k: {"median_ms": 1000 * statistics.median(v), "min_ms": 1000 * min(v), "max_ms": 1000 * max(v)}
+                    for k, v in groups.items()
+                },
             }
             rows.append(row)
-            print(f"{label:<32} {product:<26} r columns {row['r columns']['median_ms']:.3f} ms  r rows {row['r rows']['median_ms']:.3f} ms", flush=True)
+            print(
+                f"{label:<32} {product:<26} r columns {row['r columns']['median_ms']:.3f} ms  r rows {row['r rows']['median_ms']:.3f} ms",
+                flush=True,
+            )
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "python": sys.version.split()[0]}
     lines = [
         f"LoRA's rank-{RANK} products with r columns vs r rows: median of {repeats} interleaved repeats, "

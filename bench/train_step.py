@@ -384,7 +384,8 @@ def markdown(results: list[dict]) -> str:
         full = f"{lora['ratio_to_full']:.2f}" if lora.get("ratio_to_full") else "–"
         if lora.get("ratio_to_full") and r["contenders"].get("lora_anywhere, compiled", {}).get("ratio_to_full"):
             full += f" (compiled {r['contenders']['lora_anywhere, compiled']['ratio_to_full']:.2f})"
-        peft = f"{lora['ratio_to_peft']:.2f}" if lora.get("ratio_to_peft") else "PEFT refuses"
+        peft_ran = "PEFT LoRA" in r["contenders"]
+        peft = f"{lora['ratio_to_peft']:.2f}" if lora.get("ratio_to_peft") else ("PEFT refuses" if peft_ran else "not run")
         lines.append(f"| {r['case']} ({r['note']}) | " + " | ".join(cells) + f" | {full} | {peft} |")
     return "\n".join(lines)
 

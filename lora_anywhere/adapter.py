@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from .errors import LoraError
 from .kernels import autocast_dtype
 from .rule import Rule
-from .sharding import is_sharded
+from .sharding import is_sharded, may_be_sharded
 
 #: How an adapter reaches a layer's output (its compute route): added on the layer's
 #: activations, or through the weight the layer reads (W + ΔW). Both give the same numbers.
@@ -401,6 +401,8 @@ class LayerAdapter(nn.Module):
             # Under autocast, W + ΔW keeps W's dtype: the layer casts it as it would W.
             autocast = autocast_dtype(w.device.type) is not None
             with torch.autocast(w.device.type, enabled=False) if autocast else contextlib.nullcontext():
+                if w.dim() == 2:  # no reshaping: one op less per call, which small layers feel
+                    return torch.addmm(w, b, a, alpha=scale)
                 return torch.addmm(w.view(b.shape[0], -1), b, a, alpha=scale).view(w.shape)
         if self.dora and len(blocks) == 1 and blocks[0].rows is None:
             return self._dora_weight(blocks[0], w)[0]
@@ -409,6 +411,8 @@ class LayerAdapter(nn.Module):
     def _sharded(self, blocks: list[ResolvedTarget]) -> bool:
         """Whether FSDP2 holds some factor as a shard: while it swaps a layer's tensors
         (whole ↔ shard) one by one, W can already be whole while A and B are not."""
+        if not may_be_sharded():
+            return False
         return is_sharded(*(p for t in blocks for p in (self.factors[t.name].A, self.factors[t.name].B)))
 
     def _addmm_factors(self, t: ResolvedTarget, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] | None:

@@ -37,7 +37,7 @@ class FusedLinearLoRA(torch.autograd.Function):
         else:
             torch.addmm(bias, x2, weight.t(), out=y2)
         # A's projection with r rows, never r columns: see `backward`.
-        z_t = a @ x2.t()  # (r, N)
+        z_t = torch.mm(a, x2.t())  # (r, N)
         y2.addmm_(z_t.t(), b.t(), alpha=scale)
         # x is kept only for weight gradients: with A frozen (LoRA-FA) it is not.
         keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
@@ -53,20 +53,20 @@ class FusedLinearLoRA(torch.autograd.Function):
         s = ctx.scale
         need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1]) if x is not None else None
+        g_t = g.t()
         # The rank-r products are formed with r rows (r × N, r × out), never r
         # columns: same FLOPs, but BLAS runs the N × r and out × r shapes up to 6×
         # slower on the CPU (bench/skinny_matmul.py).
-        gz_t = (b.t() * s) @ g.t()  # (r, N)
+        gz_t = torch.mm(b.t(), g_t)  # (r, N), without the scale: each use applies it
         gx = gw = gbias = ga = gb = None
         if need_x:
-            gx = (g @ weight).addmm_(gz_t.t(), a).view(ctx.x_shape)
+            gx = torch.mm(g, weight).addmm_(gz_t.t(), a, alpha=s).view(ctx.x_shape)
         if need_a:
-            ga = gz_t @ x2
+            ga = torch.mm(gz_t, x.reshape(-1, x.shape[-1])).mul_(s)
         if need_b:
-            gb = ((z_t @ g) * s).t().contiguous()
+            gb = torch.mm(z_t, g).mul_(s).t().contiguous()
         if need_w:
-            gw = g.t() @ x2
+            gw = torch.mm(g_t, x.reshape(-1, x.shape[-1]))
         if need_bias and ctx.has_bias:
             gbias = g.sum(0)
         return gx, gw, gbias, ga, gb, None

@@ -30,6 +30,11 @@ _FSDP_MODULE = "torch.distributed.fsdp"
 _WRAPPED: dict[type, type] = {}  # an inner class → its FSDP2 class, made by `keep_sharded_class`
 
 
+def may_be_sharded() -> bool:
+    """Whether any tensor can be a DTensor yet: a check that costs nothing when not."""
+    return _TENSOR_MODULE in sys.modules
+
+
 def is_sharded(*tensors: Any) -> bool:
     """Whether any of `tensors` is a DTensor (an FSDP2 shard, between the forwards)."""
     module = sys.modules.get(_TENSOR_MODULE)

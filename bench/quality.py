@@ -5,6 +5,8 @@ at each method's best rate from a small grid.
     .venv/bin/python bench/quality.py                  # every task (about 60 min on 1 thread)
     .venv/bin/python bench/quality.py --tasks digits   # some tasks; the others' results are kept
     .venv/bin/python bench/quality.py --quick          # 1 seed, the demo's --fast data, 2 rates: a smoke test
+    .venv/bin/python bench/quality.py --explore --settings 'adapter 0.01, trainable 0.03'   # one explored setting
+    .venv/bin/python bench/quality.py --rank 8 --settings default --out DIR   # at apply's default rank
 
 Tasks (each: pretrain a small model on task A, adapt it to task B with a new head):
 real data — the UCI handwritten digits (0–4 → 5–9), Zachary's karate club (faction →
@@ -31,6 +33,7 @@ file; the whole trained model for full fine-tuning). Writes bench/results/qualit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import platform
@@ -180,11 +183,14 @@ def settings(method: str, grid: tuple[float, ...] | None, explore: bool) -> dict
 def run_task(
     name: str, *, quick: bool, seeds: int, grid: tuple[float, ...] | None, explore: bool, only: set[str] | None,
     previous: dict[str, Any] | None, resume: bool, say: Callable[[str], None], save: Callable[[dict[str, Any]], None],
+    rank: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Every (method, setting, seed) run of one task, saved after each seed; with
     `only`, just those settings (the others kept from `previous`, the same task's
     earlier results); with `resume`, only the runs `previous` lacks."""
     domain, data_for, resplit = task_setup(name, quick)
+    if rank is not None:
+        domain = dataclasses.replace(domain, rank=rank)
     epochs_a = max(2, domain.epochs_a // 4) if quick and not resplit else domain.epochs_a
     epochs_b = max(2, domain.epochs_b // 4) if quick and not resplit else domain.epochs_b
     plan = {m: {s: v for s, v in settings(m, grid, explore).items() if only is None or s in only} for m in METHODS}
@@ -370,6 +376,7 @@ def main() -> None:
     parser.add_argument("--grid", default=None, help="one grid of rates for every method, comma-separated (default: each method's GRID)")
     parser.add_argument("--resume", action="store_true", help="keep the runs the results file has; do only the missing ones")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--rank", type=int, default=None, help="the adapters' rank (default: each task's, 4)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -398,7 +405,7 @@ def main() -> None:
         start = time.perf_counter()
         run_task(
             name, quick=args.quick, seeds=seeds, grid=grid, explore=args.explore, only=only, previous=results.get(name),
-            resume=args.resume, say=lambda line: print(line, flush=True), save=save,
+            resume=args.resume, say=lambda line: print(line, flush=True), save=save, rank=args.rank,
         )  # fmt: skip
         print(f"{name}: {time.perf_counter() - start:.0f} s; written {path} and {stem}.md", flush=True)
 

@@ -19,9 +19,10 @@ _conv_backward = torch.ops.aten.convolution_backward.default
 
 class FusedLinearLoRA(torch.autograd.Function):
     """The base matmul as in the frozen layer, A's projection z = x Aᵀ (kept as its
-    r × N transpose), and ``s·z Bᵀ`` accumulated into the output in place. (One matmul over ``[W; A]``
-    reads x once but must copy W and then split its output: measured slower, by up
-    to 13 % of the frozen layer's step, on ViT-S and ViT-B shapes.)"""
+    r × N transpose), and ``s·z Bᵀ`` accumulated into the output in place. (One
+    matmul over ``[W; A]`` reads x once but must copy W and then split its output:
+    measured slower, by up to 13 % of the frozen layer's step, on ViT-S and ViT-B
+    shapes.)"""
 
     @staticmethod
     def forward(

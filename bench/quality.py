@@ -176,7 +176,9 @@ def settings(method: str, grid: tuple[float, ...] | None, explore: bool) -> dict
                 {f"{lr:g}, B ×{ratio}": {"lr": lr, "loraplus_ratio": float(ratio)} for lr in LORAPLUS_RATES for ratio in LORAPLUS_RATIOS}
             )
             out.update({f"default, warmup {w:g}": {"warmup": w} for w in WARMUPS})
-            out.update({f"adapter 0.03, trainable 0.1, warmup {w:g}": {"lr": {"trainable": 0.1}, "warmup": w} for w in WARMUPS})
+            out.update(
+                {f"adapter 0.03, trainable 0.1, warmup {w:g}": {"lr": {"adapter": 0.03, "trainable": 0.1}, "warmup": w} for w in WARMUPS}
+            )
     return out
 
 

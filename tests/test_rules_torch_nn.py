@@ -486,7 +486,7 @@ def test_conv_on_unbatched_inputs(layer, x):
     _paths_agree(layer, (x,), rank=2)
 
 
-@pytest.mark.parametrize("layout", ["rows", "channels_last", "contiguous"])
+@pytest.mark.parametrize("layout", ["linear", "channels_last", "contiguous"])
 def test_fused_backward_matches_numerical_gradients(layout):
     """The fused functions write their own backward (rank-r products taken in the shape
     BLAS runs fastest): every input's gradient is checked against finite differences."""
@@ -495,7 +495,7 @@ def test_fused_backward_matches_numerical_gradients(layout):
     torch.manual_seed(0)
     f64 = dict(dtype=torch.float64, requires_grad=True)
     a, b = torch.randn(2, 27, **f64), torch.randn(4, 2, **f64)
-    if layout == "rows":
+    if layout == "linear":
         x, w, bias = torch.randn(3, 5, 27, **f64), torch.randn(4, 27, **f64), torch.randn(4, **f64)
         assert torch.autograd.gradcheck(lambda *t: FusedLinearLoRA.apply(*t, 0.7), (x, w, bias, a, b))
         return

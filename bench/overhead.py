@@ -103,7 +103,7 @@ def measure(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, runs: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    parser.add_argument("--runs", type=int, default=5, help="groups of repeats whose medians give the spread")
+    parser.add_argument("--runs", type=int, default=5, help="groups of repeats, each giving its fastest call: their median and range")
     parser.add_argument("--no-peft", action="store_true")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import sys
@@ -22,10 +21,10 @@ import time
 from pathlib import Path
 
 import torch
+from results_file import write_results
 from torch import nn
 
 import lora_anywhere as la
-from lora_anywhere.atomic import atomic_file
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -127,13 +126,7 @@ def main() -> None:
         best = min(("weight route", "activation route"), key=lambda k: r["ratios"][k])
         cells = [f"**{r['ratios'][n]:.2f}×**" if n == best else f"{r['ratios'][n]:.2f}×" for n in names]
         lines.append(f"| {r['layer']} | {r['floor_ms']:.2f} ms | " + " | ".join(cells) + f" | {r['auto']} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, text in (
-        ("layer_paths.json", json.dumps({"meta": meta, "results": rows}, indent=2)),
-        ("layer_paths.md", "\n".join(lines) + "\n"),
-    ):
-        with atomic_file(args.out / name) as tmp:
-            tmp.write_text(text)
+    write_results(args.out, "layer_paths", meta, rows, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import sys
 from pathlib import Path
 from typing import Callable
@@ -32,10 +31,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+from results_file import write_results  # noqa: E402
 from train_step import RESULTS, Case, bitfit, cases, checkpoint_blocks, peft_lora  # noqa: E402
 
 import lora_anywhere as la  # noqa: E402
-from lora_anywhere.atomic import atomic_file  # noqa: E402
 
 
 def step_saved_bytes(model: nn.Module, loss_fn: Callable[[], torch.Tensor], kept: list[tuple] | None = None) -> int:
@@ -167,11 +166,8 @@ def main() -> None:
         else "saved activations (counted)"
     )
     meta = {"torch": torch.__version__, "device": args.device, "dtype": args.dtype, "rank": args.rank, "quick": args.quick}
-    with atomic_file(args.out / f"{stem}.json") as tmp:
-        tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     text = f"Training memory beyond the frozen weights: {what} + gradients and AdamW state of trainable parameters. {meta}\n\n"
-    with atomic_file(args.out / f"{stem}.md") as tmp:
-        tmp.write_text(text + "\n".join(lines) + "\n")
+    write_results(args.out, stem, meta, results, text + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
-import json
 import platform
 import statistics
 import sys
@@ -41,10 +40,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import step_saved_bytes, trainable_state_bytes  # noqa: E402
+from results_file import write_results  # noqa: E402
 from train_step import RESULTS  # noqa: E402
 
 import lora_anywhere as la  # noqa: E402
-from lora_anywhere.atomic import atomic_file  # noqa: E402
 from lora_anywhere.cli.demo import DOMAINS  # noqa: E402
 from lora_anywhere.cli.demo.common import FULL, HEAD, LORA, Data, Domain, count_trainable, fit, head_only  # noqa: E402
 from lora_anywhere.training.tasks import LoaderSpec, get_task  # noqa: E402
@@ -229,11 +228,8 @@ def main() -> None:
     ]
     meta["total_seconds"] = round(time.perf_counter() - start)
     stem = "methods_quick" if args.quick else "methods"
-    with atomic_file(args.out / f"{stem}.json") as tmp:
-        tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     text = markdown(meta, results)
-    with atomic_file(args.out / f"{stem}.md") as tmp:
-        tmp.write_text(text)
+    write_results(args.out, stem, meta, results, text)
     print("\n" + text)
     print(f"written: {args.out / stem}.md and .json; {meta['total_seconds']} s")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import sys
@@ -26,10 +25,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from results_file import write_results
 from torch import nn
 
 import lora_anywhere as la
-from lora_anywhere.atomic import atomic_file
 
 RESULTS = Path(__file__).parent / "results"
 LAYERS, RANK = 50, 4
@@ -138,11 +137,7 @@ def main() -> None:
             ]
             lines.append(f"| {what} | " + " | ".join(cells) + " |")
         lines.append("")
-    args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_file(args.out / f"{stem}.json") as tmp:
-        tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    with atomic_file(args.out / f"{stem}.md") as tmp:
-        tmp.write_text("\n".join(lines))
+    write_results(args.out, stem, meta, results, "\n".join(lines))
     print("\n".join(lines))
 
 

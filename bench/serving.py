@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import statistics
 import sys
@@ -25,10 +24,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
+from results_file import write_results  # noqa: E402
 from train_step import RESULTS  # noqa: E402
 
 import lora_anywhere as la  # noqa: E402
-from lora_anywhere.atomic import atomic_file  # noqa: E402
 from lora_anywhere.testing import randomize_adapters  # noqa: E402
 
 
@@ -156,11 +155,8 @@ def main() -> None:
     for r in results:
         cells = [f"{c['ratio']:.2f}× ({c['min_ratio']:.2f}–{c['max_ratio']:.2f})" for c in r["contenders"].values()]
         lines.append(f"| {r['model']} (batch {r['batch']}) | {r['adapters']} | " + " | ".join(cells) + " |")
-    with atomic_file(args.out / f"serving{suffix}.json") as tmp:
-        tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     text = f"Inference of a batch whose samples use different adapters, relative to the base model (median, range). {meta}\n\n"
-    with atomic_file(args.out / f"serving{suffix}.md") as tmp:
-        tmp.write_text(text + "\n".join(lines) + "\n")
+    write_results(args.out, f"serving{suffix}", meta, results, text + "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -14,7 +14,6 @@ medians. Writes bench/results/skinny_matmul.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -23,8 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-
-from lora_anywhere.atomic import atomic_file
+from results_file import write_results
 
 RESULTS = Path(__file__).parent / "results"
 RANK = 8
@@ -102,11 +100,7 @@ def main() -> None:
             f"| {r['shape']} | {r['product']} | {c['median_ms']:.3f} ms ({c['min_ms']:.3f}–{c['max_ms']:.3f}) | "
             f"{w['median_ms']:.3f} ms ({w['min_ms']:.3f}–{w['max_ms']:.3f}) | {c['median_ms'] / w['median_ms']:.1f}× |"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    with atomic_file(args.out / "skinny_matmul.json") as tmp:
-        tmp.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
-    with atomic_file(args.out / "skinny_matmul.md") as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
+    write_results(args.out, "skinny_matmul", meta, rows, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

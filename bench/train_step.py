@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from results_file import write_results
 from torch import nn
 from torch.nn import functional as F
 
@@ -478,8 +479,6 @@ def main() -> None:
         "compile": args.compile,
         "runs": args.runs,
     }
-    with atomic_file(args.out / f"{stem}.json") as tmp:
-        tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     text = (
         f"Train step, median of {repeats} interleaved steps relative to the BitFit floor (compiled ones: to the compiled floor), "
         f"with the range of the medians of {args.runs} groups of steps. {meta}\n\n"
@@ -491,8 +490,7 @@ def main() -> None:
         )
         + "\n"
     )
-    with atomic_file(args.out / f"{stem}.md") as tmp:
-        tmp.write_text(text)
+    write_results(args.out, stem, meta, results, text)
     plot(results, args.out / f"{stem}.png")
     print(text)
 

@@ -3,8 +3,14 @@ model gets adapters on, and the run prints it at the end."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -68,3 +74,19 @@ class _ListHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="session")
+def two_ranks() -> Callable[[Path, Path, int], list[dict[str, Any]]]:
+    """``two_ranks(script, out, timeout)`` runs `script` (given `out` as its argument)
+    under torchrun as 2 CPU processes and returns the ``rank{0,1}.json`` reports they
+    write in `out`; a failed run fails the test with the end of its output."""
+
+    def run(script: Path, out: Path, timeout: int) -> list[dict[str, Any]]:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(out)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+        return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    return run

@@ -4,10 +4,6 @@ tests/fsdp_worker.py once; each case below reads what they found."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -39,13 +35,8 @@ OPTIONAL = {"pyg": "torch_geometric", "timm": "timm", "torchaudio": "torchaudio"
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(out)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+def reports(tmp_path_factory: pytest.TempPathFactory, two_ranks) -> list[dict]:
+    return two_ranks(WORKER, tmp_path_factory.mktemp("fsdp"), 900)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -3,10 +3,6 @@ with identical adapters (so gradients were reduced, and rank 0's start broadcast
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -78,15 +74,10 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_two_gloo_processes_end_with_identical_adapters(tmp_path: Path) -> None:
+def test_two_gloo_processes_end_with_identical_adapters(tmp_path: Path, two_ranks) -> None:
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    reports = two_ranks(script, tmp_path, 300)
     assert all(r["world"] == 2 for r in reports)
     assert [r["per_rank_batches"] for r in reports] == [6, 6]  # 96 samples / 8 / 2 ranks
     assert [r["list_batches"] for r in reports] == [6, 6]

@@ -4,10 +4,6 @@ of the validation data without hanging, and checkpoints and resumes to the bit."
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -68,14 +64,10 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_fsdp_trains_like_ddp_and_resumes(tmp_path: Path) -> None:
+def test_fsdp_trains_like_ddp_and_resumes(tmp_path: Path, two_ranks) -> None:
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    reports = two_ranks(script, tmp_path, 600)
     assert all(r["frozen_sharded"] and r["ddp_wrapped"] and not r["fsdp_wrapped"] for r in reports)
     assert reports[0] == reports[1]  # metrics reduced over both ranks' shares
     report = reports[0]

@@ -71,9 +71,22 @@ QUICK_GRID = (3e-3, 3e-2)
 #: LoRA's extra runs: adapter and trainable modules at different rates; LoRA+.
 ADAPTER_RATES, TRAINABLE_RATES = (1e-2, 3e-2), (3e-3, 1e-2, 3e-2, 1e-1)
 LORAPLUS_RATES, LORAPLUS_RATIOS = (3e-3, 1e-2), (4, 16)
+PISSA = "PiSSA (init=svd)"
+#: PiSSA at LoRA's default (A at 5e-3, B at 16×), which PiSSA's own default is not.
+LORAPLUS_DEFAULT = "adapter 0.005, B ×16 (LoRA's default)"
+#: The default before LoRA+: A and B at 3e-2 (every other group at its default).
+OLD_DEFAULT = "adapter 0.03 (the default before LoRA+)"
+#: Around the default (A at 5e-3, B at 16× it, the trainable modules at theirs): (A's rate, ratio).
+LORAPLUS_NEIGHBOURS = ((2e-3, 16), (3e-3, 16), (3e-3, 10), (3e-3, 24), (4e-3, 12))
 #: LoRA's warmup runs: the first share of the optimizer steps ramps the rates up.
 WARMUPS = (0.1,)
+#: LoRA's weight-decay runs: AdamW's decay on the adapter factors only, A and B at 3e-2
+#: (the default before LoRA+).
+ADAPTER_DECAYS = (0.1, 1.0)
 TASKS = (*REAL, *DOMAINS)
+#: What "default" trains with: each group's rate, B's multiple of A's (LoRA+), and
+#: PiSSA's adapter rate (A and B alike).
+DEFAULT_RATES = {**optim.DEFAULT_LR, "loraplus_ratio": optim.DEFAULT_LORAPLUS_RATIO, "adapter, PiSSA": optim.SVD_ADAPTER_LR}
 #: Seeds per task: the small graphs vary far more from split to split, and cost little.
 SEEDS = {"karate": 10, "lesmis": 10}
 DEFAULT_SEEDS = 3
@@ -165,19 +178,33 @@ def grid_of(method: str, override: tuple[float, ...] | None = None) -> tuple[flo
 def settings(method: str, grid: tuple[float, ...] | None, explore: bool) -> dict[str, dict[str, Any]]:
     """The runs of one method, by name: the Trainer options each sets. LoRA also runs
     with ``lr="find"``; with `explore`, also with the adapter and the trainable modules
-    at different rates, with LoRA+ (B at 4× or 16× A's rate) and with a warmup."""
+    at different rates, with LoRA+ (B at 4× to 24× A's rate; the default is LoRA+ at
+    16×), with a warmup and with weight decay on the adapter factors; PiSSA also at
+    LoRA's default."""
     out: dict[str, dict[str, Any]] = {"default": {}, **{f"{lr:g}": {"lr": lr} for lr in grid_of(method, grid)}}
+    if method == PISSA and explore:
+        out[LORAPLUS_DEFAULT] = {"lr": {"adapter": optim.DEFAULT_LR["adapter"]}, "loraplus_ratio": optim.DEFAULT_LORAPLUS_RATIO}
     if method == "LoRA":
         out["find"] = {"lr": "find"}
         if explore:
+            out[OLD_DEFAULT] = {"lr": {"adapter": 0.03}}
             for a in ADAPTER_RATES:
                 out.update({f"adapter {a:g}, trainable {t:g}": {"lr": {"adapter": a, "trainable": t}} for t in TRAINABLE_RATES if t != a})
             out.update(
                 {f"{lr:g}, B ×{ratio}": {"lr": lr, "loraplus_ratio": float(ratio)} for lr in LORAPLUS_RATES for ratio in LORAPLUS_RATIOS}
             )
-            out.update({f"default, warmup {w:g}": {"warmup": w} for w in WARMUPS})
+            out.update(
+                {f"adapter {a:g}, B ×{ratio}": {"lr": {"adapter": a}, "loraplus_ratio": float(ratio)} for a, ratio in LORAPLUS_NEIGHBOURS}
+            )
+            out.update({f"adapter 0.03, warmup {w:g}": {"lr": {"adapter": 0.03}, "warmup": w} for w in WARMUPS})
             out.update(
                 {f"adapter 0.03, trainable 0.1, warmup {w:g}": {"lr": {"adapter": 0.03, "trainable": 0.1}, "warmup": w} for w in WARMUPS}
+            )
+            out.update(
+                {
+                    f"adapter 0.03, adapter weight decay {d:g}": {"lr": {"adapter": 0.03}, "weight_decay": {"adapter": d}}
+                    for d in ADAPTER_DECAYS
+                }
             )
     return out
 
@@ -185,7 +212,7 @@ def settings(method: str, grid: tuple[float, ...] | None, explore: bool) -> dict
 def run_task(
     name: str, *, quick: bool, seeds: int, grid: tuple[float, ...] | None, explore: bool, only: set[str] | None,
     previous: dict[str, Any] | None, resume: bool, say: Callable[[str], None], save: Callable[[dict[str, Any]], None],
-    rank: int | None = None,
+    rank: int | None = None, methods: tuple[str, ...] = METHODS,
 ) -> dict[str, Any]:  # fmt: skip
     """Every (method, setting, seed) run of one task, saved after each seed; with
     `only`, just those settings (the others kept from `previous`, the same task's
@@ -195,8 +222,8 @@ def run_task(
         domain = dataclasses.replace(domain, rank=rank)
     epochs_a = max(2, domain.epochs_a // 4) if quick and not resplit else domain.epochs_a
     epochs_b = max(2, domain.epochs_b // 4) if quick and not resplit else domain.epochs_b
-    plan = {m: {s: v for s, v in settings(m, grid, explore).items() if only is None or s in only} for m in METHODS}
-    kept = (previous or {}).get("methods", {}) if (only or resume) else {}
+    plan = {m: {s: v for s, v in settings(m, grid, explore).items() if (only is None or s in only) and m in methods} for m in METHODS}
+    kept = (previous or {}).get("methods", {}) if (only or resume or methods != METHODS) else {}
     runs = {m: dict(kept.get(m, {}).get("runs", {})) for m in METHODS}
     for m in METHODS:
         for s in plan[m]:
@@ -206,7 +233,7 @@ def run_task(
         "task": name, "task_a": domain.task_a, "task_b": domain.task_b, "model": domain.model, "rank": domain.rank,
         "epochs_b": epochs_b, "batch_size": domain.batch_size, "seeds": seeds, "resplit": resplit,
         "task_a_accuracy": (previous or {}).get("task_a_accuracy"),
-        "default_lr": optim.DEFAULT_LR if plan["LoRA"].get("default") else (previous or {}).get("default_lr"),
+        "default_lr": DEFAULT_RATES if "default" in plan["LoRA"] else (previous or {}).get("default_lr"),
         "methods": {m: {"sizes": sizes.get(m), "runs": runs[m]} for m in METHODS},
     }  # fmt: skip
     task_a: list[float] = []
@@ -317,8 +344,8 @@ def markdown(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
         "",
         "## LoRA against full fine-tuning at the defaults",
         "",
-        "| task | LoRA | full FT | LoRA / full FT | within 2%? | LoRA, lr='find' (rates found) |",
-        "|---|---|---|---|---|---|",
+        "| task | LoRA | full FT | LoRA / full FT | within 2%? | LoRA − full FT, paired by seed (95% CI) | LoRA, lr='find' (rates found) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, res in results.items():
         s = summaries(res)
@@ -328,7 +355,9 @@ def markdown(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
         a, b = lora["default"]["test"]["mean"], full["default"]["test"]["mean"]
         found = [r["found_lr"] for r in res["methods"]["LoRA"]["runs"].get("find", [])]
         find = f"{lora['find']['test']['mean']:.3f} ({', '.join(f'{x:.2g}' for x in found)})" if found else "—"
-        lines.append(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.1%} | {'yes' if a >= 0.98 * b else '**no**'} | {find} |")
+        diff = paired(res["methods"]["LoRA"]["runs"]["default"], res["methods"]["full FT"]["runs"]["default"])
+        gap = f"{diff['mean']:+.3f} ({diff['low']:+.3f} to {diff['high']:+.3f}, {diff['n']} seeds)" if diff["n"] > 1 else "—"
+        lines.append(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.1%} | {'yes' if a >= 0.98 * b else '**no**'} | {gap} | {find} |")
     lines += ["", "## Test accuracy by learning rate (one rate for every group; mean over seeds)", ""]
     for name, res in results.items():
         s = summaries(res)
@@ -341,12 +370,33 @@ def markdown(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
             ]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines += ["", "\\* the rate chosen on validation accuracy.", ""]
-    lines += ["## LoRA with the adapter and the trainable modules at different rates, and LoRA+ (`--explore`)", "", *_explored(results)]
+    lines += [
+        "## LoRA's other settings (`--explore`)",
+        "",
+        "Test accuracy, mean over (the number of seeds, and LoRA ÷ full fine-tuning at its default on those seeds).",
+        "",
+        *_explored(results),
+    ]
     return "\n".join(lines) + "\n"
 
 
+def paired(rows: list[dict[str, Any]], reference: list[dict[str, Any]]) -> dict[str, float]:
+    """Test accuracy minus the reference's on the seeds both ran: the mean difference, a
+    95% interval (normal approximation) and the ratio of the means."""
+    ref = {r["seed"]: r["test"] for r in reference}
+    pairs = [(r["test"], ref[r["seed"]]) for r in rows if r["seed"] in ref]
+    if not pairs:
+        return {"n": 0}
+    diffs = [x - y for x, y in pairs]
+    mean = statistics.fmean(diffs)
+    half = 1.96 * statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    ratio = statistics.fmean(x for x, _ in pairs) / statistics.fmean(y for _, y in pairs)
+    return {"n": len(pairs), "mean": mean, "low": mean - half, "high": mean + half, "ratio": ratio}
+
+
 def _explored(results: dict[str, dict[str, Any]]) -> list[str]:
-    """LoRA's test accuracy (mean) for its extra settings, one column per task."""
+    """LoRA's test accuracy (mean) for its extra settings, one column per task, and
+    its ratio to full fine-tuning's (default) on the same seeds."""
     extra = lambda setting: not _is_rate(setting) and setting not in ("default", "find")  # noqa: E731
     names = [n for n, r in results.items() if any(extra(k) and v for k, v in r["methods"]["LoRA"]["runs"].items())]
     if not names:
@@ -357,7 +407,9 @@ def _explored(results: dict[str, dict[str, Any]]) -> list[str]:
         cells = []
         for n in names:
             rs = results[n]["methods"]["LoRA"]["runs"].get(k) or []
-            cells.append(f"{statistics.fmean(r['test'] for r in rs):.3f} ({len(rs)})" if rs else "—")
+            vs = paired(rs, results[n]["methods"]["full FT"]["runs"].get("default", []))
+            ratio = f", {vs['ratio']:.1%}" if vs["n"] else ""
+            cells.append(f"{statistics.fmean(r['test'] for r in rs):.3f} ({len(rs)}{ratio})" if rs else "—")
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return lines
 
@@ -379,6 +431,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep the runs the results file has; do only the missing ones")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--rank", type=int, default=None, help="the adapters' rank (default: each task's, 4)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="rerun only these methods (separated by ','); keep the others")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -391,6 +444,9 @@ def main() -> None:
     results = json.loads(path.read_text())["results"] if path.is_file() else {}
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "python": sys.version.split()[0]}
     only = {x.strip() for x in args.settings.split(";")} if args.settings else None
+    methods = tuple(m.strip() for m in args.methods.split(","))
+    if unknown_methods := sorted(set(methods) - set(METHODS)):
+        parser.error(f"unknown method(s) {', '.join(unknown_methods)}; choose from {', '.join(METHODS)}")
     grid = tuple(float(r) for r in args.grid.split(",")) if args.grid else (QUICK_GRID if args.quick else None)
 
     def save(result: dict[str, Any]) -> None:
@@ -407,7 +463,7 @@ def main() -> None:
         start = time.perf_counter()
         run_task(
             name, quick=args.quick, seeds=seeds, grid=grid, explore=args.explore, only=only, previous=results.get(name),
-            resume=args.resume, say=lambda line: print(line, flush=True), save=save, rank=args.rank,
+            resume=args.resume, say=lambda line: print(line, flush=True), save=save, rank=args.rank, methods=methods,
         )  # fmt: skip
         print(f"{name}: {time.perf_counter() - start:.0f} s; written {path} and {stem}.md", flush=True)
 

@@ -51,27 +51,61 @@ def test_each_kind_of_parameter_gets_its_group_and_default_rate(log_lines: list[
     model = la.apply(mlp(), rank=2, dora=True, trainable=["1", "3"])
     trainer = Trainer(model, xor_data(32, 1), task="image-classification", epochs=1, batch_size=16)
     groups = names(trainer)
-    assert list(groups) == ["adapter", "magnitude", "trainable"]
-    assert all(n.endswith((".A", ".B")) for n in groups["adapter"]) and len(groups["adapter"]) == 2
+    assert list(groups) == ["adapter A", "adapter B", "magnitude", "trainable"]
+    assert groups["adapter A"] == ["0.lora_adapters.default.factors.weight.A"]
+    assert groups["adapter B"] == ["0.lora_adapters.default.factors.weight.B"]
     assert groups["magnitude"] == ["0.lora_adapters.default.magnitudes.weight"]
     assert groups["trainable"] == ["1.weight", "1.bias", "3.weight", "3.bias"]
     # Every parameter that trains is in exactly one group, and nothing else is.
     grouped = [p for g in trainer.groups for _, p in g.params]
     assert len({id(p) for p in grouped}) == len(grouped) == sum(1 for p in model.parameters() if p.requires_grad)
-    assert [g["lr"] for g in trainer.optimizer.param_groups] == [optim.DEFAULT_LR[k] for k in groups]
+    a_rate = optim.DEFAULT_LR["adapter"]
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [
+        a_rate, a_rate * optim.DEFAULT_LORAPLUS_RATIO, optim.DEFAULT_LR["magnitude"], optim.DEFAULT_LR["trainable"]
+    ]  # fmt: skip
     trainer.fit()
-    assert log_lines[0].startswith("optimizer AdamW: adapter lr ") and "magnitude lr" in log_lines[0] and "trainable lr" in log_lines[0]
+    assert log_lines[0].startswith("optimizer AdamW: adapter A lr ") and "adapter B lr" in log_lines[0] and "trainable lr" in log_lines[0]
 
 
 def test_a_number_sets_every_group_and_a_mapping_the_groups_it_names() -> None:
     torch.manual_seed(0)
     model = la.apply(mlp(), rank=2, trainable=["3"])
     same = Trainer(model, xor_data(32, 1), task="image-classification", lr=5e-4)
-    assert [g["lr"] for g in same.optimizer.param_groups] == [5e-4, 5e-4]
+    assert [g["lr"] for g in same.optimizer.param_groups] == [5e-4, 5e-4]  # A and B alike: no LoRA+ once lr is given
     some = Trainer(model, xor_data(32, 1), task="image-classification", lr={"trainable": 2e-3})
-    assert [g["lr"] for g in some.optimizer.param_groups] == [optim.DEFAULT_LR["adapter"], 2e-3]
+    a_rate = optim.DEFAULT_LR["adapter"]
+    assert [g["lr"] for g in some.optimizer.param_groups] == [a_rate, a_rate * optim.DEFAULT_LORAPLUS_RATIO, 2e-3]
+    adapter = Trainer(model, xor_data(32, 1), task="image-classification", lr={"adapter": 2e-3})
+    assert [(g.name, g.lr) for g in adapter.groups] == [("adapter", 2e-3), ("trainable", optim.DEFAULT_LR["trainable"])]
     with pytest.raises(ConfigError, match="lr must be .* a table of rates by group"):
         Trainer(model, xor_data(32, 1), task="image-classification", lr={"head": 1e-3})
+
+
+def test_pissa_factors_default_to_one_rate_for_a_and_b() -> None:
+    torch.manual_seed(0)
+    pissa = la.apply(mlp(), rank=2, init="svd", trainable=["3"])
+    trainer = Trainer(pissa, xor_data(32, 1), task="image-classification")
+    assert [(g.name, g.lr) for g in trainer.groups] == [("adapter", optim.SVD_ADAPTER_LR), ("trainable", optim.DEFAULT_LR["trainable"])]
+    chosen = Trainer(pissa, xor_data(32, 1), task="image-classification", lr={"adapter": 1e-3}, loraplus_ratio=4)
+    assert [(g.name, g.lr) for g in chosen.groups][:2] == [("adapter A", 1e-3), ("adapter B", 4e-3)]
+
+
+def test_weight_decay_is_per_group_like_the_rate() -> None:
+    torch.manual_seed(0)
+    model = la.apply(mlp(), rank=2, dora=True, trainable=["3"])
+    default = Trainer(model, xor_data(32, 1), task="image-classification")
+    assert [(g.kind, g.weight_decay) for g in default.groups] == [
+        (k, optim.DEFAULT_WEIGHT_DECAY[k]) for k in ("adapter", "adapter", "magnitude", "trainable")
+    ]  # fmt: skip
+    assert [g["weight_decay"] for g in default.optimizer.param_groups] == [g.weight_decay for g in default.groups]
+    some = Trainer(model, xor_data(32, 1), task="image-classification", weight_decay={"trainable": 0.05})
+    assert [g.name for g in some.groups] == ["adapter A", "adapter B", "magnitude", "trainable"]
+    assert [g["weight_decay"] for g in some.optimizer.param_groups] == [optim.DEFAULT_WEIGHT_DECAY["adapter"]] * 2 + [0.0, 0.05]
+    every = Trainer(model, xor_data(32, 1), task="image-classification", weight_decay=0.01)
+    assert {g["weight_decay"] for g in every.optimizer.param_groups} == {0.01}
+    for bad in ({"head": 0.1}, -1.0, "lots"):
+        with pytest.raises(ConfigError, match="weight_decay must be .* a table of weight decays by group"):
+            Trainer(model, xor_data(32, 1), task="image-classification", weight_decay=bad)
 
 
 def test_loraplus_trains_b_at_a_multiple_of_a() -> None:
@@ -174,17 +208,23 @@ def _adapted(**apply_options: object) -> nn.Module:
 @pytest.mark.parametrize(
     ("now", "message"),
     [
-        ({"apply": {"freeze_a": True}}, "group 'adapter' trains 2 tensors in the checkpoint, 1 now"),
+        ({"apply": {"freeze_a": True}}, "parameter groups adapter A, adapter B, trainable in the checkpoint, adapter B, trainable now"),
+        (
+            {"before": {"loraplus_ratio": 1.0}, "apply": {"freeze_a": True}, "trainer": {"loraplus_ratio": 1.0}},
+            "group 'adapter' trains 2 tensors in the checkpoint, 1 now",
+        ),
         ({"trainer": {"optimizer": "sgd"}}, "optimizer AdamW in the checkpoint, SGD now"),
         (
-            {"trainer": {"loraplus_ratio": 4.0}},
-            "parameter groups adapter, trainable in the checkpoint, adapter A, adapter B, trainable now",
+            {"trainer": {"loraplus_ratio": 1.0}},
+            "parameter groups adapter A, adapter B, trainable in the checkpoint, adapter, trainable now",
         ),
     ],
 )
 def test_a_resume_with_another_optimizer_setup_loads_nothing(tmp_path: Path, now: dict, message: str) -> None:
     torch.manual_seed(0)
-    Trainer(_adapted(), xor_data(32, 1), task="image-classification", epochs=1, batch_size=8, out_dir=tmp_path).fit()
+    Trainer(
+        _adapted(), xor_data(32, 1), task="image-classification", epochs=1, batch_size=8, out_dir=tmp_path, **now.get("before", {})
+    ).fit()
     torch.manual_seed(1)
     model = _adapted(**now.get("apply", {}))
     before = {k: v.clone() for k, v in la.adapter_state_dict(model).items()}

@@ -120,8 +120,14 @@ def sweep(
     if not start < stop:
         raise ConfigError(f"find_lr: start ({start:g}) must be below stop ({stop:g})")
     model = trainer.model
-    groups = optim.parameter_groups(model, adapted=trainer.adapter is not None, lr=optim.rates(1.0), loraplus_ratio=trainer.loraplus_ratio)
-    optimizer = optim.make_optimizer(groups, trainer.optimizer_choice, trainer.weight_decay)
+    groups = optim.parameter_groups(
+        model,
+        adapted=trainer.adapter is not None,
+        lr=optim.rates(1.0),
+        weight_decay=trainer.weight_decay,
+        loraplus_ratio=trainer.loraplus_ratio,
+    )
+    optimizer = optim.make_optimizer(groups, trainer.optimizer_choice)
     ratios = [g.lr for g in groups]
     lrs, losses, smoothed = [], [], []
     average, best = 0.0, math.inf
@@ -231,10 +237,13 @@ def find_lr(
     `steps` steps from `start` to `stop`, the model restored afterwards. With
     `out_dir`, the curve is written there (``lr_find.png``, ``lr_find.csv``).
     `trainer_options` are the `Trainer`'s (batch_size, optimizer, loraplus_ratio,
-    weight_decay, clip, device, precision, seed…), which the sweep trains with."""
+    weight_decay, clip, device, precision, seed…), which the sweep trains with. A and
+    B sweep at one rate unless ``loraplus_ratio`` is given, as they train when the
+    suggestion is passed as ``lr``."""
     from .trainer import Trainer
 
     if "lr" in trainer_options:
         raise ConfigError("find_lr sweeps the learning rate itself; leave lr out (start and stop set the range)")
+    trainer_options.setdefault("loraplus_ratio", optim.loraplus_ratio(None, "find"))
     trainer = Trainer(model, train_data, task=task, progress=False, **trainer_options)
     return sweep(trainer, start=start, stop=stop, steps=steps, out_dir=out_dir)

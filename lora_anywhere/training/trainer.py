@@ -74,7 +74,9 @@ class Trainer:
     modules, a plain model's parameters) has a measured default (`optim.DEFAULT_LR`).
     ``lr`` = a number sets every group, a mapping ``{"trainable": 3e-3}`` the groups it
     names, ``"find"`` runs the range test (`lora_anywhere.find_lr`) and uses its
-    suggestion. ``loraplus_ratio`` trains B at that multiple of A's rate (LoRA+).
+    suggestion. ``loraplus_ratio`` trains B at that multiple of A's rate (LoRA+); left
+    out, it is 16 at the default rates and 1 once ``lr`` sets the adapter's rate (or
+    for PiSSA, whose A and B both default to 3e-2).
     ``optimizer`` is "adamw", "adam", "sgd" (momentum 0.9) or a function of the
     parameter groups that returns a torch optimizer (e.g. ``torch.optim.RAdam``).
 
@@ -92,9 +94,9 @@ class Trainer:
         task: str | Task | Callable[[nn.Module, Any], torch.Tensor],
         epochs: int = 3,
         lr: float | Mapping[str, float] | str | None = None,
-        loraplus_ratio: float = 1.0,
+        loraplus_ratio: float | None = None,
         optimizer: optim.OptimizerChoice = "adamw",
-        weight_decay: float = 0.0,
+        weight_decay: float | Mapping[str, float] | None = None,
         batch_size: int = 32,
         grad_accum: int = 1,
         clip: float | None = 1.0,
@@ -137,7 +139,10 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise NotAdaptedError("no parameter of the model requires grad: nothing to train")
-        self.lr, self.loraplus_ratio, self.optimizer_choice, self.weight_decay = lr, float(loraplus_ratio), optimizer, weight_decay
+        self.svd_init = self.adapter is not None and model_state(model).adapters[self.adapter].init == "svd"
+        self.lr, self.optimizer_choice = lr, optimizer
+        self.loraplus_ratio = optim.loraplus_ratio(loraplus_ratio, lr, svd_init=self.svd_init)
+        self.weight_decay = optim.decays(weight_decay)
         self.task = get_task(task)
         self.train_data, self.val_data = train_data, val_data
         check_dataset(self.task, train_data)
@@ -306,9 +311,13 @@ class Trainer:
         """(Re)build the parameter groups, the optimizer and the schedule for `lr` (see
         `optim`): called once at construction, and again after ``lr="find"``."""
         self.groups = optim.parameter_groups(
-            self.model, adapted=self.adapter is not None, lr=optim.rates(lr), loraplus_ratio=self.loraplus_ratio
+            self.model,
+            adapted=self.adapter is not None,
+            lr=optim.rates(lr, svd_init=self.svd_init),
+            weight_decay=self.weight_decay,
+            loraplus_ratio=self.loraplus_ratio,
         )
-        self.optimizer = optim.make_optimizer(self.groups, self.optimizer_choice, self.weight_decay)
+        self.optimizer = optim.make_optimizer(self.groups, self.optimizer_choice)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
     def _found_lr(self) -> float:

@@ -149,7 +149,7 @@ TRAINER: dict[str, Kind] = {
     "optimizer": choice(*OPTIMIZERS) | FUNCTION,
     "weight_decay": Kind(
         (NONE | NON_NEGATIVE | table(choice(*GROUPS), NON_NEGATIVE)).test,
-        f"a number >= 0, None (none) or a table of weight decays by group ({', '.join(GROUPS)})",
+        f"a number >= 0, None (0 for every group) or a table of weight decays by group ({', '.join(GROUPS)})",
     ),
     "batch_size": integer(1),
     "grad_accum": integer(1),

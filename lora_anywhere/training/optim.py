@@ -18,7 +18,7 @@ learning rate per step whatever its gradient, so with A and B at one rate their
 product B·A, and with it the size of each step of the update, keeps growing: on the
 small tasks of `bench/quality.py` it ended 2–8× the size of the weight it adapts,
 where full fine-tuning moved it 0.6–2×, and overfit or stalled. With A slow and B
-fast it ends about half as large (`bench/update_size.py`).
+fast it ends 2–4× (`bench/update_size.py`).
 PiSSA's factors (``init="svd"``) start as the weight's principal part, not at B = 0,
 which is what LoRA+ is built on: they keep one rate, 3e-2, for A and B, where PiSSA
 measured better (bench/quality.py).

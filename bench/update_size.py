@@ -31,6 +31,7 @@ from results_file import write_results  # noqa: E402
 from train_step import RESULTS  # noqa: E402
 
 import lora_anywhere as la  # noqa: E402
+from lora_anywhere.summary import is_matrix  # noqa: E402
 
 #: name → (method in bench/methods.py, Trainer options).
 SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -41,9 +42,9 @@ SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def weights(model: torch.nn.Module, domain: Any) -> list[str]:
-    """The weight matrices and kernels of the pretrained body (not the new head):
-    what LoRA adapts in these models."""
-    return [n for n, t in model.state_dict().items() if n.endswith("weight") and t.dim() >= 2 and not n.startswith(f"{domain.head}.")]
+    """The weight matrices and kernels of the pretrained body (not the new head), as
+    `la.summary` counts them: what LoRA adapts in these models."""
+    return [n for n, p in model.named_parameters() if is_matrix(n, tuple(p.shape)) and not n.startswith(f"{domain.head}.")]
 
 
 def run(task: str, seeds: int) -> list[dict[str, Any]]:

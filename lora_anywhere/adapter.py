@@ -6,7 +6,6 @@ These modules hold parameters only. How they change a layer's output lives in
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
@@ -35,6 +34,15 @@ _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
     return x.view(_SAME_SIZE_INT[x.element_size()]) if x.is_floating_point() else x
+
+
+def _addmm(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale·B·A as one addmm — the op `merge_block` runs in place, so merged and
+    unmerged agree to the bit. A 2-D W is not reshaped: one op less per call, which
+    small layers feel."""
+    if w.dim() == 2:
+        return torch.addmm(w, b, a, alpha=scale)
+    return torch.addmm(w.view(b.shape[0], -1), b, a, alpha=scale).view(w.shape)
 
 
 @dataclass
@@ -278,6 +286,7 @@ class LayerAdapter(nn.Module):
         super().__init__()
         self.rule = rule
         self.targets = {t.name: t for t in targets}
+        self._index_targets()
         # The modules (paths below the layer) whose forward adds this adapter on the
         # activations, each with the rule that computes it; every other target
         # reaches the output through W + ΔW.
@@ -302,9 +311,23 @@ class LayerAdapter(nn.Module):
         self.sample_mask: torch.Tensor | None = None
         self.sample_dim = 0
 
+    def _index_targets(self) -> None:
+        """The targets on each tensor and below each owner, in row order: every forward
+        looks them up, so they are grouped once (the targets never change)."""
+        self._on_tensor: dict[tuple[str, str], list[ResolvedTarget]] = {}
+        self._on_owner: dict[str, list[ResolvedTarget]] = {}
+        for t in sorted(self.targets.values(), key=lambda t: t.rows or (0, 0)):
+            self._on_tensor.setdefault((t.owner, t.tensor), []).append(t)
+            self._on_owner.setdefault(t.owner, []).append(t)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_on_tensor" not in state:  # pickled by a version without the index
+            self._index_targets()
+
     @property
     def dora(self) -> bool:
-        return len(self.magnitudes) > 0
+        return len(self._modules["magnitudes"]) > 0
 
     @torch.no_grad()
     def init_magnitudes(self, blocks: Mapping[str, torch.Tensor]) -> None:
@@ -331,9 +354,9 @@ class LayerAdapter(nn.Module):
         """This adapter's term for the module at `owner`, whose weight has `rows` rows:
         row blocks (q and v of a fused qkv) become one A and a B that is zero outside
         its blocks, so the whole update stays one low-rank projection."""
-        blocks = sorted((t for t in self.targets.values() if t.owner == owner), key=lambda t: t.rows or (0, 0))
+        blocks = self._on_owner[owner]
         if len(blocks) == 1 and blocks[0].rows is None:
-            f = self.factors[blocks[0].name]
+            f = self._modules["factors"]._modules[blocks[0].name]
             return Term(*f.pair(), f.scale, self)
         a_parts, b_parts = [], []
         for t in blocks:
@@ -392,33 +415,45 @@ class LayerAdapter(nn.Module):
         """w + ΔW for one tensor (`w` itself if this adapter does not touch it). The
         common case — plain LoRA on a whole tensor — is one addmm: the same op that
         `merge_block` runs in place, so merged and unmerged agree to the bit."""
-        blocks = [t for t in self.targets.values() if t.owner == owner and t.tensor == tensor]
-        if not blocks or self._sharded(blocks):
+        blocks = self._on_tensor.get((owner, tensor))
+        if blocks is None or self._sharded(blocks):
             return w
-        fast = self._addmm_factors(blocks[0], w) if len(blocks) == 1 and blocks[0].rows is None else None
-        if fast is not None:
-            a, b, scale = fast
-            # Under autocast, W + ΔW keeps W's dtype: the layer casts it as it would W.
-            autocast = autocast_dtype(w.device.type) is not None
-            with torch.autocast(w.device.type, enabled=False) if autocast else contextlib.nullcontext():
-                if w.dim() == 2:  # no reshaping: one op less per call, which small layers feel
-                    return torch.addmm(w, b, a, alpha=scale)
-                return torch.addmm(w.view(b.shape[0], -1), b, a, alpha=scale).view(w.shape)
-        if self.dora and len(blocks) == 1 and blocks[0].rows is None:
-            return self._dora_weight(blocks[0], w)[0]
-        return w + self._blocks_delta(blocks, w)
+        if len(blocks) == 1 and blocks[0].rows is None:
+            fast = self._addmm_factors(blocks[0], w)
+            if fast is not None:
+                a, b, scale = fast
+                if autocast_dtype(w.device.type) is not None:
+                    # Under autocast, W + ΔW keeps W's dtype: the layer casts it as it would W.
+                    with torch.autocast(w.device.type, enabled=False):
+                        return _addmm(w, b, a, scale)
+                return _addmm(w, b, a, scale)
+            if self.dora:
+                return self._dora_weight(blocks[0], w)[0]
+        return w + self._blocks_delta(list(blocks), w)
+
+    def inputs_of(self, owner: str, tensor: str) -> list[torch.Tensor]:
+        """Every tensor `add_to` reads to update this tensor (none if it leaves it alone)."""
+        factors = self._modules["factors"]._modules
+        out: list[torch.Tensor] = []
+        for t in self._on_tensor.get((owner, tensor), ()):
+            f = factors[t.name]
+            out += [*f._parameters.values(), *f._buffers.values()]
+            if self.dora:
+                out.append(self.magnitudes[t.name])
+        return out
 
     def _sharded(self, blocks: list[ResolvedTarget]) -> bool:
         """Whether FSDP2 holds some factor as a shard: while it swaps a layer's tensors
         (whole ↔ shard) one by one, W can already be whole while A and B are not."""
         if not may_be_sharded():
             return False
-        return is_sharded(*(p for t in blocks for p in (self.factors[t.name].A, self.factors[t.name].B)))
+        factors = self._modules["factors"]._modules
+        return is_sharded(*(p for t in blocks for p in factors[t.name]._parameters.values()))
 
     def _addmm_factors(self, t: ResolvedTarget, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         if self.dora or not block.is_contiguous():
             return None
-        f = self.factors[t.name]
+        f = self._modules["factors"]._modules[t.name]
         a, b = f.pair()
         return (a, b, f.scale) if a.dtype == block.dtype else None
 

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from . import weight_cache
 from .adapter import LayerAdapter, Term
 from .errors import LoraError
 from .sharding import is_sharded, keep_sharded_class
@@ -67,26 +68,46 @@ def _tensor_property(tensor: str) -> property:
         if self.__dict__.get(_RAW):
             return self._parameters[tensor]
         cache = self.__dict__.get(_CACHE)
-        if cache is None:
-            return effective_tensor(self, tensor)
-        if tensor not in cache:
-            cache[tensor] = effective_tensor(self, tensor)
-        return cache[tensor]
+        if cache is not None:
+            if tensor not in cache:
+                cache[tensor] = effective_tensor(self, tensor)
+            return cache[tensor]
+        if not torch.is_grad_enabled():
+            if weight_cache.usable():
+                return _kept_tensor(self, tensor)
+        else:  # training: a weight kept for evaluation is freed (a parent reads it, not this forward)
+            weight_cache.drop(self)
+        return effective_tensor(self, tensor)
 
     get.__name__ = tensor
     return property(get, doc=f"{tensor} with the live LoRA adapters added (lora_anywhere)")
+
+
+def _kept_tensor(owner: nn.Module, tensor: str) -> torch.Tensor:
+    """`effective_tensor`, formed once for all the no-grad calls that see the same inputs."""
+    layer, owner_name = owner.__dict__[_LAYER], owner.__dict__[_OWNER_NAME]
+    inputs = [owner._parameters[tensor]]
+    for adapter in layer._modules[ADAPTERS].values():
+        if adapter.live:
+            inputs += adapter.inputs_of(owner_name, tensor)
+    value = weight_cache.kept(owner, tensor, inputs)
+    if value is None:
+        value = effective_tensor(owner, tensor)
+        weight_cache.keep(owner, tensor, inputs, value)
+    return value
 
 
 def _adapted_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     layer, owner_name, rule = self.__dict__[_LAYER], self.__dict__[_OWNER_NAME], self.__dict__[_RULE]
     weight = effective_tensor(self, "weight", include_activation=False)
     adapters = [a for a in layer._modules[ADAPTERS].values() if a.live and owner_name in a.activation_owners]
-    if (
-        not torch.is_grad_enabled()
-        and not any(a.dropout_active for a in adapters)
-        and rule.weight_cheaper_without_grad(self, weight, *args, **kwargs)
+    if torch.is_grad_enabled():
+        weight_cache.drop(self)
+    elif not any(a.dropout_active for a in adapters) and (
+        weight_cache.holds(self) or rule.weight_cheaper_without_grad(self, weight, *args, **kwargs)
     ):
-        # No gradient to pay for: the layer's own forward reads W + ΔW (the property).
+        # No gradient to pay for: the layer's own forward reads W + ΔW (the property),
+        # formed once while the weight is kept (`weight_cache`).
         return type(self).__lora_base__.forward(self, *args, **kwargs)
     terms = [a.activation_term(owner_name, weight.shape[0]) for a in adapters]
     if adapters[0].sample_mask is not None and not any(a.dropout_p and a.training for a in adapters) and rule.stacks_samples(self):
@@ -104,6 +125,10 @@ def _weight_route_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     # A forward may read its weight many times (HeteroLinear reads weight[t] once per
     # type): form W + ΔW once per call. A compiled graph dedupes the reads itself.
     forward = type(self).__lora_base__.forward
+    if torch.is_grad_enabled():
+        weight_cache.drop(self)
+    elif weight_cache.usable():
+        return forward(self, *args, **kwargs)  # the property keeps W + ΔW across calls
     if _CACHE in self.__dict__ or torch.compiler.is_compiling():
         return forward(self, *args, **kwargs)
     self.__dict__[_CACHE] = {}
@@ -143,8 +168,14 @@ def _reduce(self: nn.Module, protocol: int) -> Any:
     with _raw_tensors(self):
         state = self.__getstate__()
     if isinstance(state, dict):
-        state = {k: v for k, v in state.items() if k not in (_RAW, _CACHE)}
+        state = {k: v for k, v in state.items() if k not in (_RAW, _CACHE, weight_cache.KEPT)}
     return (_rebuild, (cls.__lora_base__, cls.__lora_tensors__, cls.__lora_forward__), state)
+
+
+def _apply(self: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
+    # `.to()`, `.cuda()`, `.half()`: a kept W + ΔW on the old device or dtype is freed now.
+    weight_cache.drop(self)
+    return type(self).__lora_base__._apply(self, fn, recurse)
 
 
 def _rebuild(base: type, tensors: tuple[str, ...], forward: bool) -> nn.Module:
@@ -165,6 +196,7 @@ def adapted_class(base: type, tensors: tuple[str, ...], forward: bool) -> type:
             __reduce_ex__=_reduce,
             _save_to_state_dict=_save_to_state_dict,
             _load_from_state_dict=_load_from_state_dict,
+            _apply=_apply,
         )
         namespace["forward"] = _adapted_forward if forward else _weight_route_forward
         cls = type(base.__name__, (base,), namespace)
@@ -217,6 +249,7 @@ def refresh(layer: nn.Module) -> None:
     owners.setdefault("", set())
     for owner_name, tensors in owners.items():
         owner = layer.get_submodule(owner_name)
+        weight_cache.drop(owner)
         base = base_class(owner)
         # A forward on the activations reads the raw weight itself; other readers of
         # `weight` (a parent calling F.linear on it) still see W + ΔW via the property.
@@ -236,6 +269,7 @@ def refresh(layer: nn.Module) -> None:
                 owner.__dict__.pop(key, None)
     live_tensors = {(t.owner, t.tensor) for a in live for t in a.targets.values()}
     for module, owner_name, tensor in layer.__dict__.get(_TIED, ()):
+        weight_cache.drop(module)
         if (owner_name, tensor) in live_tensors:
             module.__class__ = keep_sharded_class(module, adapted_class(base_class(module), (tensor,), False))
             module.__dict__[_LAYER] = layer

@@ -28,18 +28,7 @@ class FusedLinearLoRA(torch.autograd.Function):
     def forward(
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        # Written through a view into a fresh tensor, so the output is not itself a
-        # view: an in-place op after the layer (Hardswish(inplace=True)) must work.
-        y = x.new_empty(*x.shape[:-1], weight.shape[0])
-        y2 = y.view(-1, weight.shape[0])
-        if bias is None:
-            torch.mm(x2, weight.t(), out=y2)
-        else:
-            torch.addmm(bias, x2, weight.t(), out=y2)
-        # A's projection with r rows, never r columns: see `backward`.
-        z_t = torch.mm(a, x2.t())  # (r, N)
-        y2.addmm_(z_t.t(), b.t(), alpha=scale)
+        y, z_t = _linear_forward(x, weight, bias, a, b, scale)
         # x is kept only for weight gradients: with A frozen (LoRA-FA) it is not.
         keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
         ctx.save_for_backward(x if keep_x else None, weight, a, b, z_t)
@@ -73,6 +62,25 @@ class FusedLinearLoRA(torch.autograd.Function):
         return gx, gw, gbias, ga, gb, None
 
 
+def _linear_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = x Wᵀ + bias + s·(x Aᵀ) Bᵀ, and A's projection z (as its r × N transpose)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    # Written through a view into a fresh tensor, so the output is not itself a
+    # view: an in-place op after the layer (Hardswish(inplace=True)) must work.
+    y = x.new_empty(*x.shape[:-1], weight.shape[0])
+    y2 = y.view(-1, weight.shape[0])
+    if bias is None:
+        torch.mm(x2, weight.t(), out=y2)
+    else:
+        torch.addmm(bias, x2, weight.t(), out=y2)
+    # A's projection with r rows, never r columns: see `FusedLinearLoRA.backward`.
+    z_t = torch.mm(a, x2.t())  # (r, N)
+    y2.addmm_(z_t.t(), b.t(), alpha=scale)
+    return y, z_t
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast computes matmuls and convs in on this device, or None."""
     try:
@@ -85,22 +93,30 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
         return None
 
 
-def _apply(function: Any, x: torch.Tensor, *tensors: torch.Tensor | None, rest: tuple = ()) -> torch.Tensor:
+def _apply(function: Any, plain: Any, x: torch.Tensor, *tensors: torch.Tensor | None, rest: tuple = ()) -> torch.Tensor:
     """Run an autograd function as autocast would run the ops inside it: their own
     mixed-dtype calls (addmm_ into a bf16 output with fp32 factors) would fail, so
-    the inputs are cast to autocast's dtype first and the function runs without it."""
+    the inputs are cast to autocast's dtype first and the function runs without it.
+    Where no gradient can flow (inference, evaluation) its forward, `plain`, runs
+    alone: the autograd function's own cost per call is what small layers pay most."""
     dtype = autocast_dtype(x.device.type)
     if dtype is None:
-        return function.apply(x, *tensors, *rest)
+        return _run(function, plain, (x, *tensors, *rest))
     cast = [t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, *tensors)]
     with torch.autocast(x.device.type, enabled=False):
-        return function.apply(*cast, *rest)
+        return _run(function, plain, (*cast, *rest))
+
+
+def _run(function: Any, plain: Any, args: tuple) -> torch.Tensor:
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
+        return function.apply(*args)
+    return plain(*args)[0]
 
 
 def linear_lora(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    return _apply(FusedLinearLoRA, x, weight, bias, a, b, rest=(scale,))
+    return _apply(FusedLinearLoRA, _linear_forward, x, weight, bias, a, b, rest=(scale,))
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -121,19 +137,8 @@ class FusedConvLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float,
                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:  # fmt: skip
-        dims = weight.dim() - 2
-        n, r = x.shape[0], a.shape[0]
-        a_kernel = a.view(r, *weight.shape[1:])
-        y = _CONV[dims](x, weight, bias, stride, padding, dilation)
-        z = _CONV[dims](x, a_kernel, None, stride, padding, dilation)
-        sb = b * scale
-        y_rows, z_rows = channel_rows(y), channel_rows(z)
-        if y_rows is not None and z_rows is not None:  # channels_last
-            y_rows.addmm_(z_rows, sb.t())
-        elif y.is_contiguous():
-            y.view(n, y.shape[1], -1).baddbmm_(sb.expand(n, *sb.shape), z.reshape(n, r, -1))
-        else:
-            y = y + (sb @ z.reshape(n, r, -1)).view(y.shape)
+        y, z = _conv_forward(x, weight, bias, a, b, scale, stride, padding, dilation)
+        a_kernel = a.view(a.shape[0], *weight.shape[1:])
         keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
         ctx.save_for_backward(x if keep_x else None, weight, a_kernel, b, z)
         ctx.x_shape = x.shape
@@ -187,6 +192,24 @@ class FusedConvLoRA(torch.autograd.Function):
         return gx, gw, gbias, ga, gb, None, None, None, None
 
 
+def _conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float,
+                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The base conv's output plus s·B z, and A's output z."""
+    dims = weight.dim() - 2
+    n, r = x.shape[0], a.shape[0]
+    y = _CONV[dims](x, weight, bias, stride, padding, dilation)
+    z = _CONV[dims](x, a.view(r, *weight.shape[1:]), None, stride, padding, dilation)
+    sb = b * scale
+    y_rows, z_rows = channel_rows(y), channel_rows(z)
+    if y_rows is not None and z_rows is not None:  # channels_last
+        y_rows.addmm_(z_rows, sb.t())
+    elif y.is_contiguous():
+        y.view(n, y.shape[1], -1).baddbmm_(sb.expand(n, *sb.shape), z.reshape(n, r, -1))
+    else:
+        y = y + (sb @ z.reshape(n, r, -1)).view(y.shape)
+    return y, z
+
+
 def channel_rows(t: torch.Tensor) -> torch.Tensor | None:
     """`t` (N, C, …) as a (positions × C) matrix view when its channels are innermost
     in memory (channels_last), else None."""
@@ -218,5 +241,5 @@ def conv_lora(layer: Any, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor
     if unbatched:
         x = x.unsqueeze(0)
     x, padding = explicit_padding(layer, x)
-    y = _apply(FusedConvLoRA, x, weight, layer.bias, a, b, rest=(scale, list(layer.stride), padding, list(layer.dilation)))
+    y = _apply(FusedConvLoRA, _conv_forward, x, weight, layer.bias, a, b, rest=(scale, list(layer.stride), padding, list(layer.dilation)))
     return y.squeeze(0) if unbatched else y

@@ -198,7 +198,12 @@ def _conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     dims = weight.dim() - 2
     n, r = x.shape[0], a.shape[0]
     y = _CONV[dims](x, weight, bias, stride, padding, dilation)
-    z = _CONV[dims](x, a.view(r, *weight.shape[1:]), None, stride, padding, dilation)
+    if pointwise(weight, stride, padding) and x.is_contiguous():
+        # A 1×1 conv is a matmul over positions: with r outputs a plain matmul skips
+        # most of a oneDNN conv's fixed cost per call (SE blocks: ~40 % of the adapter's time).
+        z = torch.matmul(a, x.view(n, x.shape[1], -1)).view(n, r, *x.shape[2:])
+    else:
+        z = _CONV[dims](x, a.view(r, *weight.shape[1:]), None, stride, padding, dilation)
     sb = b * scale
     y_rows, z_rows = channel_rows(y), channel_rows(z)
     if y_rows is not None and z_rows is not None:  # channels_last
@@ -208,6 +213,12 @@ def _conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     else:
         y = y + (sb @ z.reshape(n, r, -1)).view(y.shape)
     return y, z
+
+
+def pointwise(weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]) -> bool:
+    """Whether a conv with this weight, stride and (explicit) padding is a 1×1 conv
+    that keeps every position: a matmul over channels. (Dilation is moot at 1×1.)"""
+    return all(k == 1 for k in weight.shape[2:]) and all(s == 1 for s in stride) and not any(padding)
 
 
 def channel_rows(t: torch.Tensor) -> torch.Tensor | None:

@@ -161,25 +161,39 @@ class FusedConvLoRA(torch.autograd.Function):
             gz = torch.matmul(b.t() * scale, g3).view(n, r, *grad.shape[2:])
         no_pad = [0] * dims
         gx = gw = gbias = ga = gb = None
+        # A 1×1 conv over NCHW tensors: A's terms are matmuls over positions (as in the
+        # forward), and the input gradient needs no copies of grad and W side by side.
+        point = pointwise(weight, stride, padding) and g_rows is None and (x is None or x.is_contiguous())
         if need_x:
-            # One input-gradient conv through [W; A]; it needs x's shape only (as
-            # torch.nn.grad.conv2d_input does), so a frozen A keeps no copy of x.
+            # The input-gradient conv needs x's shape only (as torch.nn.grad.conv2d_input
+            # does), so a frozen A keeps no copy of x.
             shape_only = x if x is not None else grad.new_empty(1).expand(ctx.x_shape)
-            gx = _conv_backward(
-                torch.cat([grad, gz], 1),
-                shape_only,
-                torch.cat([weight, a_kernel]),
-                None,
-                stride,
-                padding,
-                dilation,
-                False,
-                no_pad,
-                1,
-                [True, False, False],
-            )[0]
+            if point:
+                gx = _conv_backward(grad, shape_only, weight, None, stride, padding, dilation, False, no_pad, 1, [True, False, False])[0]
+                a_t = a_kernel.view(r, -1).t()
+                lora_gx = torch.matmul(a_t, gz.view(n, r, -1))
+                gx = gx.view_as(lora_gx).add_(lora_gx).view(ctx.x_shape) if gx.is_contiguous() else gx + lora_gx.view(gx.shape)
+            else:  # one input-gradient conv through [W; A]
+                gx = _conv_backward(
+                    torch.cat([grad, gz], 1),
+                    shape_only,
+                    torch.cat([weight, a_kernel]),
+                    None,
+                    stride,
+                    padding,
+                    dilation,
+                    False,
+                    no_pad,
+                    1,
+                    [True, False, False],
+                )[0]
         if need_a:
-            ga = _conv_backward(gz, x, a_kernel, None, stride, padding, dilation, False, no_pad, 1, [False, True, False])[1].reshape(r, -1)
+            if point:
+                ga = torch.matmul(gz.view(n, r, -1), x.view(n, x.shape[1], -1).transpose(1, 2)).sum(0)
+            else:
+                ga = _conv_backward(gz, x, a_kernel, None, stride, padding, dilation, False, no_pad, 1, [False, True, False])[1].reshape(
+                    r, -1
+                )
         if need_w:
             gw = _conv_backward(grad, x, weight, None, stride, padding, dilation, False, no_pad, 1, [False, True, False])[1]
         if need_b:

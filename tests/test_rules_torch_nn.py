@@ -127,9 +127,11 @@ def _outputs(model, inputs):
 
 
 def _paths_agree(factory, inputs, rank):
-    """Same adapters, activation vs weight route: same outputs and same gradients."""
+    """Same adapters, activation vs weight route: same outputs and same gradients, the
+    input's included (a fused backward forms it its own way)."""
     results = []
     for path in ("activation", "weight"):
+        inputs = [x.detach().clone().requires_grad_(True) if x.is_floating_point() else x for x in inputs]
         torch.manual_seed(0)
         model = factory().train()
         la.apply(model, rank=rank, path=path)
@@ -140,9 +142,11 @@ def _paths_agree(factory, inputs, rank):
         out = _outputs(model, inputs)
         out.float().pow(2).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        grads.update({f"input {i}": x.grad for i, x in enumerate(inputs) if x.is_floating_point()})
         frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
         assert not frozen_with_grad, f"frozen parameters received gradients: {frozen_with_grad}"
-        assert all(".lora_adapters." in f".{n}" for n in grads), f"non-adapter parameters train: {list(grads)}"
+        trained = [n for n in grads if not n.startswith("input ")]
+        assert all(".lora_adapters." in f".{n}" for n in trained), f"non-adapter parameters train: {trained}"
         results.append((out.detach(), grads))
     (out_a, g_a), (out_w, g_w) = results
     torch.testing.assert_close(out_a, out_w, rtol=1e-4, atol=1e-5)
@@ -426,6 +430,23 @@ def test_inference_with_active_dropout_stays_on_activations(monkeypatch):
     monkeypatch.setattr(la.adapter.LayerAdapter, "add_to", lambda *args: pytest.fail("dropout needs the activation route"))
     with torch.no_grad():
         model(torch.randn(100, 64))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(
+    ("conv", "shape", "layout"),
+    [
+        (nn.Conv1d, (2, 4, 7), torch.contiguous_format),
+        (nn.Conv2d, (2, 4, 3, 5), torch.contiguous_format),
+        (nn.Conv2d, (2, 4, 3, 5), torch.channels_last),
+        (nn.Conv3d, (2, 4, 2, 3, 2), torch.contiguous_format),
+    ],
+)
+def test_pointwise_conv_activation_path(bias, conv, shape, layout):
+    """A 1×1 conv's fused route runs A's terms as matmuls: outputs and every gradient,
+    the input's included, as on the weight route."""
+    x = torch.randn(*shape).to(memory_format=layout)
+    _paths_agree(lambda: conv(4, 6, 1, bias=bias), (x,), rank=2)
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -331,10 +331,10 @@ def run_case(case: Case, rank: int, repeats: int, with_peft: bool, setup: Setup 
 
 
 @torch.no_grad()
-def inference(case: Case, rank: int, repeats: int, setup: Setup | None = None) -> dict:
+def inference(case: Case, rank: int, repeats: int, setup: Setup | None = None, runs: int = 3) -> dict:
     """Eval-mode forward of the base model, the adapted model unmerged, and merged,
-    interleaved (and each compiled, with --compile); and the time `apply` takes on a
-    fresh copy (median of 3)."""
+    interleaved (and each compiled, with --compile), relative to the base with the range
+    over `runs` groups of rounds; and the time `apply` takes on a fresh copy (median of 3)."""
     setup = setup or Setup()
     torch.manual_seed(0)
     base = case.build().eval().to(setup.device)
@@ -365,8 +365,21 @@ def inference(case: Case, rank: int, repeats: int, setup: Setup | None = None) -
         if f"base{kind}" in times:
             base_s = statistics.median(times[f"base{kind}"])
             for k in ("unmerged", "merged"):
-                out[f"{k}{kind.replace(' ', '_')}_ratio"] = statistics.median(times[f"{k}{kind}"]) / base_s
+                key = f"{k}{kind.replace(' ', '_')}"
+                out[f"{key}_ratio"] = statistics.median(times[f"{k}{kind}"]) / base_s
+                out[f"{key}_range"] = ratio_range(times[f"{k}{kind}"], times[f"base{kind}"], runs)
     return out
+
+
+def ratio_range(times: list[float], base: list[float], runs: int) -> tuple[float, float]:
+    """The lowest and highest ratio of medians over `runs` consecutive groups of rounds."""
+    size = max(1, len(times) // runs)
+    ratios = [
+        statistics.median(times[i : i + size]) / statistics.median(base[i : i + size])
+        for i in range(0, size * runs, size)
+        if times[i : i + size]
+    ]
+    return min(ratios), max(ratios)
 
 
 def _cell(c: dict) -> str:
@@ -397,11 +410,18 @@ def inference_markdown(results: list[dict]) -> str:
     lines = ["| model | base forward | unmerged | merged | apply |" + extra, "|---|---|---|---|---|" + ("---|---|" if compiled else "")]
     for r in results:
         i = r["inference"]
-        row = f"| {r['case']} | {i['base_ms']:.0f} ms | {i['unmerged_ratio']:.2f}× | {i['merged_ratio']:.2f}× | {i['apply_ms']:.0f} ms |"
+        cells = [_ratio_cell(i, k) for k in ("unmerged", "merged", *(("unmerged_compiled", "merged_compiled") if compiled else ()))]
+        row = f"| {r['case']} | {i['base_ms']:.0f} ms | {cells[0]} | {cells[1]} | {i['apply_ms']:.0f} ms |"
         if compiled:
-            row += f" {i['unmerged_compiled_ratio']:.2f}× | {i['merged_compiled_ratio']:.2f}× |"
+            row += f" {cells[2]} | {cells[3]} |"
         lines.append(row)
     return "\n".join(lines)
+
+
+def _ratio_cell(inference_result: dict, key: str) -> str:
+    spread_ = inference_result.get(f"{key}_range")  # absent in results written before it was measured
+    cell = f"{inference_result[f'{key}_ratio']:.2f}×"
+    return cell + (f" ({spread_[0]:.2f}–{spread_[1]:.2f})" if spread_ else "")
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -432,6 +452,22 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def inference_only(selected: list[Case], args: argparse.Namespace, repeats: int, setup: Setup) -> None:
+    results = []
+    for case in selected:
+        print(f"== {case.name} ({case.note})", flush=True)
+        results.append({"case": case.name, "note": case.note, "inference": inference(case, args.rank, repeats, setup, args.runs)})
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype, "runs": args.runs}
+    text = (
+        f"Inference (eval, no grad): median of {repeats} interleaved rounds relative to the base model, with the range "
+        f"over {args.runs} groups of rounds, and the time of `apply`. {meta}\n\n" + inference_markdown(results) + "\n"
+    )
+    write_results(
+        args.out, "inference" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else ""), meta, results, text
+    )
+    print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller inputs and fewer repeats (a few minutes)")
@@ -451,6 +487,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: steps under bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="also the floor, full fine-tuning and LoRA under torch.compile")
     parser.add_argument("--no-inference", action="store_true")
+    parser.add_argument("--inference-only", action="store_true", help="only the inference table (bench/results/inference.md)")
     args = parser.parse_args()
     setup = Setup(args.device, args.dtype, args.compile)
     stem = "train_step" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "")
@@ -459,12 +496,15 @@ def main() -> None:
         return
     repeats = args.repeats or (5 if args.quick else 15)
     selected = [c for c in cases("gpu" if args.gpu_sizes else args.quick) if not args.models or c.name in args.models.split(",")]
+    if args.inference_only:
+        inference_only(selected, args, repeats, setup)
+        return
     results = []
     for case in selected:
         print(f"== {case.name} ({case.note})", flush=True)
         result = run_case(case, args.rank, repeats, not args.no_peft, setup, args.runs)
         if not args.no_inference:
-            result["inference"] = inference(case, args.rank, repeats, setup)
+            result["inference"] = inference(case, args.rank, repeats, setup, args.runs)
         for name, row in result["contenders"].items():
             print(f"   {name:<36} " + (f"refuses: {row['error']}" if "error" in row else _cell(row)), flush=True)
         results.append(result)

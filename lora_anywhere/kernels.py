@@ -214,7 +214,7 @@ def _conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     y = _CONV[dims](x, weight, bias, stride, padding, dilation)
     if pointwise(weight, stride, padding) and x.is_contiguous():
         # A 1×1 conv is a matmul over positions: with r outputs a plain matmul skips
-        # most of a oneDNN conv's fixed cost per call (SE blocks: ~40 % of the adapter's time).
+        # most of a oneDNN conv's fixed cost per call, which small inputs feel.
         z = torch.matmul(a, x.view(n, x.shape[1], -1)).view(n, r, *x.shape[2:])
     else:
         z = _CONV[dims](x, a.view(r, *weight.shape[1:]), None, stride, padding, dilation)

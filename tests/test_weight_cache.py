@@ -203,3 +203,15 @@ def test_inference_mode_and_no_grad_agree(monkeypatch):
     assert torch.equal(first, second)
     assert torch.equal(first, evaluate(model))
     assert torch.equal(first, uncached(model, monkeypatch))
+
+
+def test_functional_call_sees_the_tensors_it_is_given(monkeypatch):
+    """`torch.func.functional_call` swaps tensors in for one call: the result must be
+    computed from them, never from a weight kept for the model's own tensors."""
+    model, other = adapted(seed=0), adapted(seed=4)
+    evaluate(model)  # keeps weights formed from model's own tensors
+    swapped = {k: v.detach().clone() for k, v in other.state_dict().items()}
+    with torch.no_grad():
+        out = torch.func.functional_call(model, swapped, (TOKENS,))
+    assert torch.equal(out, evaluate(other))
+    assert torch.equal(evaluate(model), uncached(model, monkeypatch))

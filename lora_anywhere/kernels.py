@@ -129,7 +129,8 @@ class FusedConvLoRA(torch.autograd.Function):
     returns ``[y; z]`` interleaved per sample, and taking y out of it cost more passes
     over the output than the base conv itself on oneDNN (measured per layer with
     bench/layer_paths.py). So the base conv runs exactly as in the frozen model,
-    z = A(x) is a conv with r outputs, and ``s·B z`` is accumulated into y in place by
+    z = A(x) is a conv with r outputs (for a 1×1 conv, a matmul over positions), and
+    ``s·B z`` is accumulated into y in place by
     one batched matmul — or, for channels_last tensors, one plain matmul over the
     (positions × channels) rows; the backward mirrors it.
     """

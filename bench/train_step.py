@@ -334,7 +334,8 @@ def run_case(case: Case, rank: int, repeats: int, with_peft: bool, setup: Setup 
 def inference(case: Case, rank: int, repeats: int, setup: Setup | None = None, runs: int = 3) -> dict:
     """Eval-mode forward of the base model, the adapted model unmerged, and merged,
     interleaved (and each compiled, with --compile), relative to the base with the range
-    over `runs` groups of rounds; and the time `apply` takes on a fresh copy (median of 3)."""
+    of the medians of `runs` groups of rounds; and the time `apply` takes on a fresh copy
+    (median of 3)."""
     setup = setup or Setup()
     torch.manual_seed(0)
     base = case.build().eval().to(setup.device)
@@ -372,14 +373,12 @@ def inference(case: Case, rank: int, repeats: int, setup: Setup | None = None, r
 
 
 def ratio_range(times: list[float], base: list[float], runs: int) -> tuple[float, float]:
-    """The lowest and highest ratio of medians over `runs` consecutive groups of rounds."""
-    size = max(1, len(times) // runs)
-    ratios = [
-        statistics.median(times[i : i + size]) / statistics.median(base[i : i + size])
-        for i in range(0, size * runs, size)
-        if times[i : i + size]
-    ]
-    return min(ratios), max(ratios)
+    """The lowest and highest median of `runs` consecutive groups of rounds, relative to
+    the base's median (as the train step's range is to the floor's): the ratio of the
+    medians always lies inside it."""
+    low, high = spread(times, runs)
+    base_s = statistics.median(base)
+    return low / base_s, high / base_s
 
 
 def _cell(c: dict) -> str:
@@ -459,8 +458,8 @@ def inference_only(selected: list[Case], args: argparse.Namespace, repeats: int,
         results.append({"case": case.name, "note": case.note, "inference": inference(case, args.rank, repeats, setup, args.runs)})
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype, "runs": args.runs}
     text = (
-        f"Inference (eval, no grad): median of {repeats} interleaved rounds relative to the base model, with the range "
-        f"over {args.runs} groups of rounds, and the time of `apply`. {meta}\n\n" + inference_markdown(results) + "\n"
+        f"Inference (eval, no grad): median of {repeats} interleaved rounds relative to the base model's median, with the "
+        f"range of the medians of {args.runs} groups of rounds, and the time of `apply`. {meta}\n\n" + inference_markdown(results) + "\n"
     )
     write_results(
         args.out, "inference" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else ""), meta, results, text
@@ -526,7 +525,8 @@ def main() -> None:
         + (
             ""
             if args.no_inference
-            else "\n\nInference (eval, no grad), relative to the base model, and the time of `apply`:\n\n" + inference_markdown(results)
+            else "\n\nInference (eval, no grad), relative to the base model (range: medians of groups of rounds), and the time of "
+            "`apply`:\n\n" + inference_markdown(results)
         )
         + "\n"
     )

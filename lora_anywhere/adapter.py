@@ -537,7 +537,7 @@ class LayerAdapter(nn.Module):
         fast = self._addmm_factors(t, block)
         if fast is not None:
             a, b, scale = fast
-            return torch.addmm(block.view(b.shape[0], -1), b, a, alpha=scale).view(block.shape)
+            return _addmm(block, b, a, scale)
         if not self.dora:
             return block + self.factors[t.name].delta().view(block.shape).to(block.dtype)
         return self._dora_weight(t, block)[0]
@@ -547,7 +547,7 @@ class LayerAdapter(nn.Module):
         fast = self._addmm_factors(t, block)
         if fast is not None:
             a, b, scale = fast
-            return torch.addmm(block.view(b.shape[0], -1), b, a, alpha=-scale).view(block.shape)
+            return _addmm(block, b, a, -scale)
         delta = self.factors[t.name].delta().view(block.shape).to(block.dtype)
         if not self.dora:
             return block - delta

@@ -131,7 +131,7 @@ def parameter_groups(
     loraplus_ratio: float = 1.0,
 ) -> list[Group]:
     """The parameters that require grad, in groups that have any, in a fixed order."""
-    decay = weight_decay if weight_decay is not None else dict.fromkeys(GROUPS, 0.0)
+    decay = weight_decay if weight_decay is not None else DEFAULT_WEIGHT_DECAY
     found: dict[str, list[tuple[str, nn.Parameter]]] = {kind: [] for kind in GROUPS}
     for name, p in model.named_parameters():
         if p.requires_grad:

@@ -1,14 +1,20 @@
 """Activation-route LoRA for Linear and ConvNd as single autograd functions.
 
-``y = layer(x) + s·B(A(x))``: the base op runs as in the frozen model, z = A(x) has r
-channels, and ``s·B z`` is added into the output in place. The backward forms the
-input gradient through W and A, and the gradients of A and B only: no gradient of
-the frozen W is ever formed, which is what keeps LoRA near the floor of training
-only biases.
+``y = layer(x) + s·B(A(x))``: z = A(x) has r channels, and the backward forms the
+input gradient and the gradients of A and B only: no gradient of the frozen W is ever
+formed, which is what keeps LoRA near the floor of training only biases.
+
+The base product itself runs one of two ways, chosen per call by the rows it sees
+(`folds_delta`): on W, with ``s·B z`` added into its output in place, or — where the
+rows outnumber the weight's entries enough — on W + s·B A, formed for the call (and
+again in the backward, so nothing more is kept). Folded, the forward and the input
+gradient are one product each, as in the frozen layer, instead of a product plus a
+pass over its output; A's and B's gradients still come from the activations.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -26,30 +32,38 @@ class FusedLinearLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: float,
+        fold: bool,
     ) -> torch.Tensor:
-        y, z_t = _linear_forward(x, weight, bias, a, b, scale)
+        y, z_t = _linear_forward(x, weight, bias, a, b, scale, fold)
         # x is kept only for weight gradients: with A frozen (LoRA-FA) it is not.
         keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
         ctx.save_for_backward(x if keep_x else None, weight, a, b, z_t)
         ctx.x_shape = x.shape
-        ctx.scale = scale
-        ctx.has_bias = bias is not None
+        ctx.conf = (scale, fold, bias is not None)
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, a, b, z_t = ctx.saved_tensors
-        s = ctx.scale
-        need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        s, fold, has_bias = ctx.conf
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         g = grad.reshape(-1, grad.shape[-1])
         g_t = g.t()
         # The rank-r products are formed with r rows (r × N, r × out), never r
         # columns: same FLOPs, but BLAS runs the N × r and out × r shapes up to 6×
         # slower on the CPU (bench/skinny_matmul.py).
-        gz_t = torch.mm(b.t(), g_t)  # (r, N), without the scale: each use applies it
+        gz_t = torch.mm(b.t(), g_t) if need_a or (need_x and not fold) else None  # (r, N), unscaled
         gx = gw = gbias = ga = gb = None
-        if need_x:
+        if need_x and fold:
+            gx = torch.mm(g, torch.addmm(weight, b, a, alpha=s)).view(ctx.x_shape)
+        elif need_x:
             gx = torch.mm(g, weight).addmm_(gz_t.t(), a, alpha=s).view(ctx.x_shape)
         if need_a:
             ga = torch.mm(gz_t, x.reshape(-1, x.shape[-1])).mul_(s)
@@ -57,28 +71,38 @@ class FusedLinearLoRA(torch.autograd.Function):
             gb = torch.mm(z_t, g).mul_(s).t().contiguous()
         if need_w:
             gw = torch.mm(g_t, x.reshape(-1, x.shape[-1]))
-        if need_bias and ctx.has_bias:
+        if need_bias and has_bias:
             gbias = g.sum(0)
-        return gx, gw, gbias, ga, gb, None
+        return gx, gw, gbias, ga, gb, None, None
 
 
 def _linear_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = x Wᵀ + bias + s·(x Aᵀ) Bᵀ, and A's projection z (as its r × N transpose)."""
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float, fold: bool,
+    keep_z: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """y = x Wᵀ + bias + s·(x Aᵀ) Bᵀ, and A's projection z (as its r × N transpose)
+    where the backward needs it."""
     x2 = x.reshape(-1, x.shape[-1])
     # Written through a view into a fresh tensor, so the output is not itself a
     # view: an in-place op after the layer (Hardswish(inplace=True)) must work.
     y = x.new_empty(*x.shape[:-1], weight.shape[0])
     y2 = y.view(-1, weight.shape[0])
+    w = torch.addmm(weight, b, a, alpha=scale) if fold else weight
     if bias is None:
-        torch.mm(x2, weight.t(), out=y2)
+        torch.mm(x2, w.t(), out=y2)
     else:
-        torch.addmm(bias, x2, weight.t(), out=y2)
+        torch.addmm(bias, x2, w.t(), out=y2)
+    if fold and not keep_z:
+        return y, None
     # A's projection with r rows, never r columns: see `FusedLinearLoRA.backward`.
     z_t = torch.mm(a, x2.t())  # (r, N)
-    y2.addmm_(z_t.t(), b.t(), alpha=scale)
+    if not fold:
+        y2.addmm_(z_t.t(), b.t(), alpha=scale)
     return y, z_t
+
+
+def _linear_output(*args: Any) -> tuple[torch.Tensor, None]:
+    return _linear_forward(*args, keep_z=False)[0], None
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -116,7 +140,33 @@ def _run(function: Any, plain: Any, args: tuple) -> torch.Tensor:
 def linear_lora(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    return _apply(FusedLinearLoRA, _linear_forward, x, weight, bias, a, b, rest=(scale,))
+    rows = x.numel() // max(x.shape[-1], 1)
+    fold = folds_delta(x, "matmul", rows, *weight.shape)
+    return _apply(FusedLinearLoRA, _linear_output, x, weight, bias, a, b, rest=(scale, fold))
+
+
+def many_rows(rows: int, out: int, cols: int) -> bool:
+    """Whether A and B on `rows` rows (rows·r·(out + cols) multiply-adds, and passes
+    over rows of width out + cols) cost at least as much as forming ΔW = B·A once
+    (out·r·cols): the choice of the Linear-like and conv rules between W + ΔW and
+    the activations, with and without gradients."""
+    return rows * (out + cols) >= out * cols
+
+
+def folds_delta(x: torch.Tensor, op: str, rows: int, out: int, cols: int) -> bool:
+    """Whether the base product of a fused call runs on W + s·B A (see the module's
+    docstring): with many rows, and only where the product keeps fp32's precision.
+    In bf16, fp16 or TF32, rounding W + ΔW to the compute dtype would drop a small ΔW
+    that the separate term ``s·B z`` keeps, so those calls stay unfolded. (`op` is
+    "matmul" or "conv": CUDA's TF32 switches are separate for the two.)"""
+    dtype = autocast_dtype(x.device.type) or x.dtype  # what the product computes in
+    if dtype not in (torch.float32, torch.float64) or not many_rows(rows, out, cols):
+        return False
+    if x.device.type != "cuda" or dtype == torch.float64:
+        return True
+    if op == "conv":
+        return not torch.backends.cudnn.allow_tf32
+    return torch.get_float32_matmul_precision() == "highest" and not torch.backends.cuda.matmul.allow_tf32
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -128,52 +178,61 @@ class FusedConvLoRA(torch.autograd.Function):
     As for Linear, A does not run inside the base conv: a conv over ``[W; A]``
     returns ``[y; z]`` interleaved per sample, and taking y out of it cost more passes
     over the output than the base conv itself on oneDNN (measured per layer with
-    bench/layer_paths.py). So the base conv runs exactly as in the frozen model,
-    z = A(x) is a conv with r outputs (for a 1×1 conv, a matmul over positions), and
-    ``s·B z`` is accumulated into y in place by
-    one batched matmul — or, for channels_last tensors, one plain matmul over the
-    (positions × channels) rows; the backward mirrors it.
+    bench/layer_paths.py). So the base conv runs on W + s·B A (folded) or on W, with
+    ``s·B z`` accumulated into y in place by one batched matmul — or, for
+    channels_last tensors, one plain matmul over the (positions × channels) rows.
+    z = A(x) is a conv with r outputs (for a 1×1 conv, a matmul over positions); the
+    backward mirrors it.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float,
-                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:  # fmt: skip
-        y, z = _conv_forward(x, weight, bias, a, b, scale, stride, padding, dilation)
+                fold: bool, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:  # fmt: skip
+        y, z = _conv_forward(x, weight, bias, a, b, scale, fold, stride, padding, dilation)
         a_kernel = a.view(a.shape[0], *weight.shape[1:])
         keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
         ctx.save_for_backward(x if keep_x else None, weight, a_kernel, b, z)
         ctx.x_shape = x.shape
-        ctx.conf = (scale, list(stride), list(padding), list(dilation), bias is not None)
+        ctx.conf = (scale, fold, list(stride), list(padding), list(dilation), bias is not None)
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, a_kernel, b, z = ctx.saved_tensors
-        scale, stride, padding, dilation, has_bias = ctx.conf
+        scale, fold, stride, padding, dilation, has_bias = ctx.conf
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         dims = weight.dim() - 2
         n, out, r = grad.shape[0], weight.shape[0], a_kernel.shape[0]
         g_rows, z_rows = channel_rows(grad), channel_rows(z)
-        if g_rows is not None and z_rows is not None:  # channels_last; r rows, as in FusedLinearLoRA
-            gz = ((b.t() * scale) @ g_rows.t()).view(r, n, *grad.shape[2:]).movedim(0, 1)
-        else:
+        rows_layout = g_rows is not None and z_rows is not None  # channels_last; r rows, as in FusedLinearLoRA
+        if not rows_layout:
             grad = grad.contiguous()
             g3 = grad.view(n, out, -1)
-            gz = torch.matmul(b.t() * scale, g3).view(n, r, *grad.shape[2:])
+        gz = None  # s·Bᵀ grad, A's output gradient: for A's gradient, and for x's where not folded
+        if need_a or (need_x and not fold):
+            if rows_layout:
+                gz = ((b.t() * scale) @ g_rows.t()).view(r, n, *grad.shape[2:]).movedim(0, 1)
+            else:
+                gz = per_sample_mm(b.t() * scale, g3).view(n, r, *grad.shape[2:])
         no_pad = [0] * dims
         gx = gw = gbias = ga = gb = None
         # A 1×1 conv over NCHW tensors: A's terms are matmuls over positions (as in the
         # forward), and the input gradient needs no copies of grad and W side by side.
-        point = pointwise(weight, stride, padding) and g_rows is None and (x is None or x.is_contiguous())
+        point = pointwise(weight, stride, padding) and not rows_layout and (x is None or x.is_contiguous())
         if need_x:
             # The input-gradient conv needs x's shape only (as torch.nn.grad.conv2d_input
             # does), so a frozen A keeps no copy of x.
             shape_only = x if x is not None else grad.new_empty(1).expand(ctx.x_shape)
-            if point:
+            if fold:
+                w = folded_weight(weight, a_kernel, b, scale)
+                gx = _conv_backward(grad, shape_only, w, None, stride, padding, dilation, False, no_pad, 1, [True, False, False])[0]
+            elif point:
                 gx = _conv_backward(grad, shape_only, weight, None, stride, padding, dilation, False, no_pad, 1, [True, False, False])[0]
-                a_t = a_kernel.view(r, -1).t()
-                lora_gx = torch.matmul(a_t, gz.view(n, r, -1))
-                gx = gx.view_as(lora_gx).add_(lora_gx).view(ctx.x_shape) if gx.is_contiguous() else gx + lora_gx.view(gx.shape)
+                a_t, gz3 = a_kernel.view(r, -1).t(), gz.view(n, r, -1)
+                if gx.is_contiguous():
+                    gx.view(n, a_t.shape[0], -1).baddbmm_(a_t.expand(n, *a_t.shape), gz3)
+                else:
+                    gx = gx + per_sample_mm(a_t, gz3).view(gx.shape)
             else:  # one input-gradient conv through [W; A]
                 gx = _conv_backward(
                     torch.cat([grad, gz], 1),
@@ -190,7 +249,7 @@ class FusedConvLoRA(torch.autograd.Function):
                 )[0]
         if need_a:
             if point:
-                ga = torch.matmul(gz.view(n, r, -1), x.view(n, x.shape[1], -1).transpose(1, 2)).sum(0)
+                ga = torch.bmm(gz.view(n, r, -1), x.view(n, x.shape[1], -1).transpose(1, 2)).sum(0)
             else:
                 ga = _conv_backward(gz, x, a_kernel, None, stride, padding, dilation, False, no_pad, 1, [False, True, False])[1].reshape(
                     r, -1
@@ -198,27 +257,33 @@ class FusedConvLoRA(torch.autograd.Function):
         if need_w:
             gw = _conv_backward(grad, x, weight, None, stride, padding, dilation, False, no_pad, 1, [False, True, False])[1]
         if need_b:
-            if g_rows is not None and z_rows is not None:
+            if rows_layout:
                 gb = ((z_rows.t() @ g_rows) * scale).t().contiguous()
             else:
                 gb = (torch.bmm(z.reshape(n, r, -1), g3.transpose(1, 2)).sum(0) * scale).t().contiguous()
         if need_bias and has_bias:
             gbias = grad.sum(dim=[0, *range(2, grad.dim())])
-        return gx, gw, gbias, ga, gb, None, None, None, None
+        return gx, gw, gbias, ga, gb, None, None, None, None, None
 
 
 def _conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float,
-                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The base conv's output plus s·B z, and A's output z."""
+                  fold: bool, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                  keep_z: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """The base conv's output plus s·B z, and A's output z where the backward needs it."""
     dims = weight.dim() - 2
     n, r = x.shape[0], a.shape[0]
-    y = _CONV[dims](x, weight, bias, stride, padding, dilation)
+    a_kernel = a.view(r, *weight.shape[1:])
+    y = _CONV[dims](x, folded_weight(weight, a_kernel, b, scale) if fold else weight, bias, stride, padding, dilation)
+    if fold and not keep_z:
+        return y, None
     if pointwise(weight, stride, padding) and x.is_contiguous():
         # A 1×1 conv is a matmul over positions: with r outputs a plain matmul skips
         # most of a oneDNN conv's fixed cost per call, which small inputs feel.
-        z = torch.matmul(a, x.view(n, x.shape[1], -1)).view(n, r, *x.shape[2:])
+        z = per_sample_mm(a, x.view(n, x.shape[1], -1)).view(n, r, *x.shape[2:])
     else:
-        z = _CONV[dims](x, a.view(r, *weight.shape[1:]), None, stride, padding, dilation)
+        z = _CONV[dims](x, a_kernel, None, stride, padding, dilation)
+    if fold:
+        return y, z
     sb = b * scale
     y_rows, z_rows = channel_rows(y), channel_rows(z)
     if y_rows is not None and z_rows is not None:  # channels_last
@@ -226,8 +291,25 @@ def _conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     elif y.is_contiguous():
         y.view(n, y.shape[1], -1).baddbmm_(sb.expand(n, *sb.shape), z.reshape(n, r, -1))
     else:
-        y = y + (sb @ z.reshape(n, r, -1)).view(y.shape)
+        y = y + per_sample_mm(sb, z.reshape(n, r, -1)).view(y.shape)
     return y, z
+
+
+def _conv_output(*args: Any) -> tuple[torch.Tensor, None]:
+    return _conv_forward(*args, keep_z=False)[0], None
+
+
+def folded_weight(weight: torch.Tensor, a_kernel: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + s·B A in the conv weight's shape."""
+    return torch.addmm(weight.reshape(weight.shape[0], -1), b, a_kernel.reshape(a_kernel.shape[0], -1), alpha=scale).view(weight.shape)
+
+
+def per_sample_mm(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``m @ t[i]`` for every sample i of a (n, k, P) tensor, as one batched matmul.
+    ``torch.matmul(m, t)`` would fold the batch into the rows instead, which copies
+    all of t transposed and then its result back: on a 1×1 conv's input that copy
+    cost more than the product itself (bench/layer_paths.py)."""
+    return torch.bmm(m.expand(t.shape[0], *m.shape), t)
 
 
 def pointwise(weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int]) -> bool:
@@ -267,5 +349,8 @@ def conv_lora(layer: Any, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor
     if unbatched:
         x = x.unsqueeze(0)
     x, padding = explicit_padding(layer, x)
-    y = _apply(FusedConvLoRA, _conv_forward, x, weight, layer.bias, a, b, rest=(scale, list(layer.stride), padding, list(layer.dilation)))
+    positions = x.numel() // x.shape[1] // math.prod(layer.stride)
+    fold = folds_delta(x, "conv", positions, weight.shape[0], weight[0].numel())
+    conf = (scale, fold, list(layer.stride), padding, list(layer.dilation))
+    y = _apply(FusedConvLoRA, _conv_output, x, weight, layer.bias, a, b, rest=conf)
     return y.squeeze(0) if unbatched else y

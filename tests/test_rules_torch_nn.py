@@ -10,6 +10,7 @@ dense layer's merged update has rank ≤ r.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -507,25 +508,65 @@ def test_conv_on_unbatched_inputs(layer, x):
     _paths_agree(layer, (x,), rank=2)
 
 
-@pytest.mark.parametrize("layout", ["linear", "channels_last", "contiguous"])
-def test_fused_backward_matches_numerical_gradients(layout):
+def test_fused_calls_fold_delta_only_with_many_rows_in_full_precision():
+    """W + ΔW replaces W in the base product only where it is cheaper (many rows) and
+    where rounding it cannot drop a small ΔW (not bf16, fp16, or under autocast)."""
+    from lora_anywhere.kernels import folds_delta
+
+    many, few = torch.randn(64, 8), torch.randn(2, 8)
+    assert folds_delta(many, "matmul", 64, 8, 8)
+    assert folds_delta(many.double(), "conv", 64, 8, 8)
+    assert not folds_delta(few, "matmul", 2, 8, 8)
+    assert not folds_delta(many.bfloat16(), "matmul", 64, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not folds_delta(many, "matmul", 64, 8, 8)
+
+
+@pytest.mark.parametrize("rows", [1, 64])
+@pytest.mark.parametrize(
+    "factory, shape",
+    [
+        (lambda: nn.Linear(12, 10), (12,)),
+        (lambda: nn.Conv2d(6, 10, 3, padding=1), (6, 2, 2)),
+        (lambda: nn.Conv2d(6, 10, 1), (6, 1, 2)),
+    ],
+    ids=["linear", "conv 3×3", "conv 1×1"],
+)
+def test_folded_and_unfolded_calls_train_alike(factory, shape, rows):
+    """One row runs the fused call on W (plus s·B z), many rows on W + ΔW: each gives
+    the weight route's outputs and gradients."""
+    from lora_anywhere.kernels import folds_delta
+
+    x = torch.randn(rows, *shape, dtype=torch.float64)
+    positions = rows * math.prod(shape[1:])
+    layer = factory()
+    assert folds_delta(x, "conv", positions, layer.weight.shape[0], layer.weight[0].numel()) == (rows > 1)
+    _paths_agree(lambda: factory().double(), (x,), rank=3)
+
+
+@pytest.mark.parametrize("fold", [False, True], ids=["on W", "on W + ΔW"])
+@pytest.mark.parametrize("layout", ["linear", "channels_last", "contiguous", "pointwise"])
+def test_fused_backward_matches_numerical_gradients(layout, fold):
     """The fused functions write their own backward (rank-r products taken in the shape
-    BLAS runs fastest): every input's gradient is checked against finite differences."""
+    BLAS runs fastest; the base product on W or on W + ΔW): every input's gradient is
+    checked against finite differences."""
     from lora_anywhere.kernels import FusedConvLoRA, FusedLinearLoRA
 
     torch.manual_seed(0)
     f64 = dict(dtype=torch.float64, requires_grad=True)
-    a, b = torch.randn(2, 27, **f64), torch.randn(4, 2, **f64)
+    kernel = 1 if layout == "pointwise" else 3
+    a, b = torch.randn(2, 3 * kernel * kernel, **f64), torch.randn(4, 2, **f64)
     if layout == "linear":
         x, w, bias = torch.randn(3, 5, 27, **f64), torch.randn(4, 27, **f64), torch.randn(4, **f64)
-        assert torch.autograd.gradcheck(lambda *t: FusedLinearLoRA.apply(*t, 0.7), (x, w, bias, a, b))
+        assert torch.autograd.gradcheck(lambda *t: FusedLinearLoRA.apply(*t, 0.7, fold), (x, w, bias, a, b))
         return
     memory = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64).to(memory_format=memory).requires_grad_()
-    w = torch.randn(4, 3, 3, 3, dtype=torch.float64).to(memory_format=memory).requires_grad_()
+    w = torch.randn(4, 3, kernel, kernel, dtype=torch.float64).to(memory_format=memory).requires_grad_()
     bias = torch.randn(4, **f64)
     # Returned as an NHWC view for channels_last, so the gradient that reaches the
     # backward is channels_last too, as it is from the next layer of a real model.
     order = (0, 2, 3, 1) if layout == "channels_last" else (0, 1, 2, 3)
-    conv = lambda *t: FusedConvLoRA.apply(*t, 0.5, [2, 1], [1, 1], [1, 1]).permute(order)  # noqa: E731
+    geometry = ([1, 1], [0, 0], [1, 1]) if layout == "pointwise" else ([2, 1], [1, 1], [1, 1])
+    conv = lambda *t: FusedConvLoRA.apply(*t, 0.5, fold, *geometry).permute(order)  # noqa: E731
     assert torch.autograd.gradcheck(conv, (x, w, bias, a, b))

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..hookspecs import hookimpl
-from ..kernels import conv_lora, linear_lora
+from ..kernels import conv_lora, linear_lora, many_rows
 from ..rule import Rule, Target
 
 #: The one target of a layer that adapts its whole `weight`.
@@ -34,7 +34,7 @@ class LinearRule(Rule):
 
     def prefers_activation(self, layer: nn.Module, rank: int) -> bool:
         out_features, in_features = layer.weight.shape
-        return wide_matrix(out_features, in_features)
+        return wide_matrix(out_features, in_features, LINEAR_WIDTH)
 
     def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
         return many_rows(x.numel() // max(x.shape[-1], 1), *weight.shape)
@@ -55,15 +55,23 @@ class LinearRule(Rule):
         return y
 
 
-def wide_matrix(out: int, cols: int) -> bool:
+def wide_matrix(out: int, cols: int, width: int) -> bool:
     """Whether training on the activations beats the weight route for an out × cols
-    matrix. The weight route's extra cost is a weight gradient, ∝ out·cols per row;
-    the activation route's is a few passes over rows of width out + cols. Measured
-    per layer on CPU (bench/layer_paths.py), for Linear and conv layers alike, the
-    activation route wins above out·cols/(out + cols) = 128 (ViT-S, wav2vec2,
-    ResNet-50's stages 3–4) and loses up to it (GCN's 256 × 256, Conformer,
-    ResNet-50's stage 1)."""
-    return out * cols > 128 * (out + cols)
+    matrix: whether out·cols/(out + cols) exceeds `width`. The weight route's extra
+    cost is a weight gradient, ∝ out·cols per row; the activation route's is a few
+    passes over rows of width out + cols. The widths are measured per layer on CPU
+    (bench/layer_paths.py): see `LINEAR_WIDTH` and `CONV_WIDTH`."""
+    return out * cols > width * (out + cols)
+
+
+#: Linear layers train faster on activations above this width (ViT-S, wav2vec2) and
+#: on the weight route up to it (GCN's 256 × 256, Conformer's 80 × 256): a Linear's
+#: weight gradient is one efficient GEMM.
+LINEAR_WIDTH = 128
+#: Ungrouped convs train faster on activations above this width (ResNet-50's 3×3
+#: convs and its stages 2–4) and on the weight route up to it (a 1×1 conv 64 → 64):
+#: a conv's weight gradient costs more than a GEMM of its size.
+CONV_WIDTH = 48
 
 
 def add_low_rank(y: torch.Tensor, z: torch.Tensor, b: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -77,13 +85,6 @@ def add_low_rank(y: torch.Tensor, z: torch.Tensor, b: torch.Tensor, channel_dim:
     n = y.shape[0]
     y.view(n, y.shape[1], -1).baddbmm_(b.to(y.dtype).expand(n, *b.shape), z.reshape(n, z.shape[1], -1))
     return y
-
-
-def many_rows(rows: int, out: int, cols: int) -> bool:
-    """Whether A and B on `rows` rows (rows·r·(out + cols) multiply-adds) cost at least
-    as much as forming ΔW = B·A once (out·r·cols): the inference choice of the
-    Linear-like and conv rules."""
-    return rows * (out + cols) >= out * cols
 
 
 _CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -110,7 +111,7 @@ class ConvRule(Rule):
 
     def prefers_activation(self, layer: nn.Module, rank: int) -> bool:
         # Ungrouped only: a grouped conv's activation route is the unfused loop.
-        return layer.groups == 1 and wide_matrix(layer.out_channels, layer.in_channels * math.prod(layer.kernel_size))
+        return layer.groups == 1 and wide_matrix(layer.out_channels, layer.in_channels * math.prod(layer.kernel_size), CONV_WIDTH)
 
     def activation_saves_memory(self, layer: nn.Module) -> bool:
         # A grouped conv's A runs per group: g·r channels, r times the output's size.

@@ -1,13 +1,16 @@
-"""One layer's training step on each path, relative to the frozen layer: the
-measurements behind ``path="auto"``.
+"""One layer's training step on each route, relative to the frozen layer: the
+measurements behind ``route="auto"`` and its per-call choices.
 
     .venv/bin/python bench/layer_paths.py [--quick]
 
-For Linear and Conv2d shapes taken from the benchmark models (ResNet-50 at 160 px,
-ViT-S, GCN, Conformer), time forward + backward of: the frozen layer with an input
-that needs a gradient (the floor: what BitFit pays per layer), full fine-tuning, and
-rank-8 LoRA on the weight route and on the activation route. Contenders are
-interleaved and the median is reported. Writes bench/results/layer_paths.{md,json}.
+For Linear and Conv2d shapes taken from the benchmark models (ResNet-50 and
+MobileNetV3-L at 160 px, ViT-S, GCN, Conformer), time forward + backward of: the
+frozen layer with an input that needs a gradient (the floor: what BitFit pays per
+layer), full fine-tuning, rank-8 LoRA on the weight route, on the activation route's
+fused call with ΔW never folded into the base product, and folded where the call has
+many rows (`kernels.folds_delta`), and what ``route="auto"`` runs (which adds the
+small-conv-call switch, `rules.torch_nn.SMALL_CONV_CALL`). Contenders are interleaved
+and the median is reported. Writes bench/results/layer_paths.{md,json}.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from results_file import write_results
 from torch import nn
 
 import lora_anywhere as la
+from lora_anywhere import kernels
+from lora_anywhere.rules import torch_nn
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -52,6 +57,11 @@ CONVS = [  # ResNet-50 at 160 px, batch 8: (in, out, kernel, stride, input size)
     (512, 512, 3, 1, 5),
     (512, 2048, 1, 1, 5),
     (2048, 512, 1, 1, 5),
+    # MobileNetV3-L's pointwise convs at 160 px, batch 8
+    (40, 120, 1, 1, 20),
+    (80, 200, 1, 1, 10),
+    (112, 672, 1, 1, 10),
+    (160, 960, 1, 1, 5),
 ]
 
 
@@ -64,23 +74,31 @@ def step(layer: nn.Module, x: torch.Tensor) -> float:
 
 
 def compare(label: str, layer: nn.Module, x: torch.Tensor, repeats: int, rank: int) -> dict:
+    activation = la.apply(copy.deepcopy(layer), rank=rank, route="activation")
     contenders = {
         "floor": copy.deepcopy(layer).requires_grad_(False),
         "full fine-tuning": copy.deepcopy(layer),
-        "weight route": la.apply(copy.deepcopy(layer), rank=rank, path="weight"),
-        "activation route": la.apply(copy.deepcopy(layer), rank=rank, path="activation"),
+        "weight route": la.apply(copy.deepcopy(layer), rank=rank, route="weight"),
+        "activation, unfolded": activation,
+        "activation, folded": activation,
+        "auto": la.apply(copy.deepcopy(layer), rank=rank),
     }
-    auto = la.apply(copy.deepcopy(layer), rank=rank)
+    # The two activation contenders run the fused call every time (no small-call
+    # switch), on W, or on W + ΔW where `folds_delta` says so.
+    fused_only = {"activation, unfolded": (0, lambda *a: False), "activation, folded": (0, kernels.folds_delta)}
+    shipped = (torch_nn.SMALL_CONV_CALL, kernels.folds_delta)
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for round_ in range(repeats + 2):
         for name, model in contenders.items():
+            torch_nn.SMALL_CONV_CALL, kernels.folds_delta = fused_only.get(name, shipped)
             t = step(model, x)
             model.zero_grad(set_to_none=True)
             if round_ >= 2:
                 times[name].append(t)
+    torch_nn.SMALL_CONV_CALL, kernels.folds_delta = shipped
     floor = statistics.median(times["floor"])
     ratios = {k: statistics.median(v) / floor for k, v in times.items()}
-    on_activations = bool(auto.lora_adapters.default.activation_owners)
+    on_activations = bool(contenders["auto"].lora_adapters.default.activation_owners)
     return {"layer": label, "floor_ms": 1000 * floor, "ratios": ratios, "auto": "activation" if on_activations else "weight"}
 
 
@@ -115,15 +133,17 @@ def main() -> None:
         "rank": args.rank,
         "repeats": repeats,
     }
-    names = ["full fine-tuning", "weight route", "activation route"]
+    names = ["full fine-tuning", "weight route", "activation, unfolded", "activation, folded", "auto"]
+    routes = ["weight route", "activation, unfolded", "activation, folded"]
     lines = [
-        f"One layer's forward + backward, median of {repeats} interleaved runs, relative to the frozen layer (input gradient only). {meta}",
+        f"One layer's forward + backward, median of {repeats} interleaved runs, relative to the frozen layer (input gradient only);"
+        f" the fastest LoRA route in bold; the last column is the route `auto` plans for the layer. {meta}",
         "",
-        "| layer | frozen | " + " | ".join(names) + " | `auto` picks |",
+        "| layer | frozen | " + " | ".join(names) + " | `auto` plans |",
         "|---|---|" + "---|" * len(names) + "---|",
     ]
     for r in rows:
-        best = min(("weight route", "activation route"), key=lambda k: r["ratios"][k])
+        best = min(routes, key=lambda k: r["ratios"][k])
         cells = [f"**{r['ratios'][n]:.2f}×**" if n == best else f"{r['ratios'][n]:.2f}×" for n in names]
         lines.append(f"| {r['layer']} | {r['floor_ms']:.2f} ms | " + " | ".join(cells) + f" | {r['auto']} |")
     write_results(args.out, "layer_paths", meta, rows, "\n".join(lines) + "\n")

@@ -104,12 +104,22 @@ def _adapted_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if torch.is_grad_enabled():
         weight_cache.drop(self)
     elif not any(a.dropout_active for a in adapters) and (
-        weight_cache.holds(self) or rule.weight_cheaper_without_grad(self, weight, *args, **kwargs)
+        weight_cache.holds(self) or weight_cache.worth_keeping(weight) or rule.weight_cheaper_without_grad(self, weight, *args, **kwargs)
     ):
         # No gradient to pay for: the layer's own forward reads W + ΔW (the property),
         # formed once while the weight is kept (`weight_cache`).
         return type(self).__lora_base__.forward(self, *args, **kwargs)
     terms = [a.activation_term(owner_name, weight.shape[0]) for a in adapters]
+    if (
+        torch.is_grad_enabled()
+        and not any(a.dropout_active for a in adapters)
+        # With A frozen (LoRA-FA) the activation route keeps no copy of the input: stay.
+        and all(t.a.requires_grad for t in terms)
+        and rule.weight_cheaper_with_grad(self, weight, sum(t.a.shape[0] for t in terms), *args, **kwargs)
+    ):
+        # Too small a call to pay for the fused call's extra kernels: the layer's own
+        # forward on W + ΔW (the property), whose backward forms W's gradient.
+        return type(self).__lora_base__.forward(self, *args, **kwargs)
     if adapters[0].sample_mask is not None and not any(a.dropout_p and a.training for a in adapters) and rule.stacks_samples(self):
         terms = [Term.stacked(terms)]
     out = rule.forward(self, weight, terms, *args, **kwargs)

@@ -69,6 +69,14 @@ class Rule:
         layer sees enough rows, so an unmerged model evaluates at nearly base speed."""
         return False
 
+    def weight_cheaper_with_grad(self, layer: nn.Module, weight: torch.Tensor, rank: int, *args: Any, **kwargs: Any) -> bool:
+        """For a training call of a layer on the activation route, with A trained and no
+        dropout: whether this call is better served by W + ΔW and the layer's own
+        forward (whose backward forms W's gradient, and A's and B's from it). True
+        where the weight gradient is cheap enough that the activation route's extra
+        kernels cost more than it saves. Both give the same numbers."""
+        return False
+
     def forward(self, layer: nn.Module, weight: torch.Tensor, terms: Sequence[Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Run `layer` with base weight `weight` and add each term ``scale · B(A(x))``.
 

@@ -37,6 +37,18 @@ def usable() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
+#: A weight this small is kept at its first no-grad call whatever rows the call has:
+#: forming it once costs less than a few calls' A and B terms on the activations, and
+#: its copy at most 256 KB in fp32. (MobileNetV3's squeeze-excitation convs see one
+#: row per image, too few rows for the activation route to form ΔW per call.)
+SMALL_WEIGHT = 1 << 16
+
+
+def worth_keeping(weight: torch.Tensor) -> bool:
+    """Whether a no-grad call should run on a kept W + ΔW, however few its rows."""
+    return weight.numel() <= SMALL_WEIGHT and usable()
+
+
 def _fingerprint(inputs: Sequence[torch.Tensor]) -> tuple | None:
     """Each input's identity, storage and version, and those of its gradient: a fused
     optimizer writes parameters without counting a version, but only after a backward

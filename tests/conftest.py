@@ -38,6 +38,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 @pytest.fixture(autouse=True)
+def _fused_conv_calls(monkeypatch):
+    """The tests' layers are tiny, and a tiny conv call in training takes the weight
+    route (`SMALL_CONV_CALL`, tested on its own): off, so that the fused conv functions
+    are what activation-route tests run."""
+    from lora_anywhere.rules import torch_nn
+
+    monkeypatch.setattr(torch_nn, "SMALL_CONV_CALL", 0)
+
+
+@pytest.fixture(autouse=True)
 def _quiet_known_warnings():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*weight_norm.*deprecated.*")

@@ -410,7 +410,9 @@ def test_activation_path_never_builds_the_weight_delta(layer, x, monkeypatch):
 )
 def test_inference_takes_the_weight_path_when_it_is_cheaper(layer, many, few, monkeypatch):
     """Under no_grad an activation-route layer forms W + ΔW once when it sees enough
-    rows (no weight gradient to pay for); on few rows it keeps A and B. Both exact."""
+    rows (no weight gradient to pay for); on few rows it keeps A and B. Both exact.
+    (These weights are small enough to be kept at any rows: not here.)"""
+    monkeypatch.setattr(la.weight_cache, "SMALL_WEIGHT", 0)
     model = la.apply(layer(), rank=2, path="activation")
     randomize_adapters(model)
     built = []
@@ -506,6 +508,31 @@ def test_conv_on_unbatched_inputs(layer, x):
     """torch's convs take (C, L…) without a batch dimension; so must both routes."""
     check_exact(layer, (x,), rank=2, path="activation")
     _paths_agree(layer, (x,), rank=2)
+
+
+def test_small_conv_training_calls_run_on_w_plus_delta(monkeypatch):
+    """Below `SMALL_CONV_CALL` an activation-route conv trains through W + ΔW (its own
+    forward), with the same numbers; not with A frozen (LoRA-FA keeps no copy of the
+    input on activations), under dropout, or without gradients."""
+    from lora_anywhere.rules import torch_nn
+
+    monkeypatch.setattr(torch_nn, "SMALL_CONV_CALL", 10**8)
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+
+    def grad_fn(**options):
+        torch.manual_seed(0)
+        model = la.apply(nn.Conv2d(4, 8, 3), rank=2, route="activation", **options)
+        randomize_adapters(model, seed=1)
+        return type(model(x).grad_fn).__name__, model
+
+    assert grad_fn()[0] == "ConvolutionBackward0"
+    assert grad_fn(freeze_a=True)[0] == "FusedConvLoRABackward"
+    assert grad_fn(dropout=0.5)[0] != "ConvolutionBackward0"
+    monkeypatch.setattr(torch_nn, "SMALL_CONV_CALL", 0)
+    assert grad_fn()[0] == "FusedConvLoRABackward"
+    _paths_agree(lambda: nn.Conv2d(4, 8, 3), (x.detach(),), rank=2)
+    monkeypatch.setattr(torch_nn, "SMALL_CONV_CALL", 10**8)
+    _paths_agree(lambda: nn.Conv2d(4, 8, 3), (x.detach(),), rank=2)
 
 
 def test_fused_calls_fold_delta_only_with_many_rows_in_full_precision():

@@ -181,6 +181,22 @@ def test_few_rows_take_the_activation_route_and_keep_nothing():
     assert holders(model) == []
 
 
+def test_small_weights_are_kept_whatever_the_rows(monkeypatch):
+    """Forming a small W + ΔW once beats the activation route's A and B on every call,
+    even with one row (MobileNetV3's squeeze-excitation convs)."""
+    torch.manual_seed(0)
+    model = la.apply(nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 64)), rank=4, route="activation").eval()
+    randomize_adapters(model, seed=1)
+    x = torch.randn(1, 512)
+    with torch.no_grad():
+        first, second = model(x), model(x)
+    assert holders(model) == [model[1]]
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(weight_cache, "usable", lambda: False)
+        torch.testing.assert_close(first, model(x))
+    assert torch.equal(first, second)
+
+
 def test_never_copied_pickled_or_saved(tmp_path):
     model = adapted()
     out = evaluate(model)

@@ -87,6 +87,27 @@ def add_low_rank(y: torch.Tensor, z: torch.Tensor, b: torch.Tensor, channel_dim:
     return y
 
 
+#: A conv call on the CPU whose weight route adds fewer multiply-adds than this — the
+#: weight gradient, positions·out·cols, and A's and B's from it, 3·r·out·cols —
+#: trains faster on W + ΔW than with the activation route's extra kernels (per layer,
+#: bench/layer_paths.py: MobileNetV3's pointwise convs at 60M and below lose on the
+#: activations, ResNet-50's 1×1 and 3×3 convs from 210M up win).
+SMALL_CONV_CALL = 100_000_000
+
+
+def small_conv_call(x: torch.Tensor, positions: int, out: int, cols: int, rank: int) -> bool:
+    """Whether a training call of an ungrouped conv is small (`SMALL_CONV_CALL`). Only
+    on the CPU, where it was measured."""
+    return x.device.type == "cpu" and (positions + 3 * rank) * out * cols < SMALL_CONV_CALL
+
+
+def _positions(layer: nn.Module, x: torch.Tensor) -> int:
+    """The output positions a conv computes for `x`, batched or not (about: padding
+    and dilation aside)."""
+    channels = x.shape[-len(layer.kernel_size) - 1]
+    return x.numel() // max(channels, 1) // math.prod(layer.stride)
+
+
 _CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -118,9 +139,10 @@ class ConvRule(Rule):
         return layer.groups == 1
 
     def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
-        channels = x.shape[-len(layer.kernel_size) - 1]  # batched or not
-        positions = x.numel() // max(channels, 1) // math.prod(layer.stride)
-        return many_rows(positions, weight.shape[0], weight[0].numel())
+        return many_rows(_positions(layer, x), weight.shape[0], weight[0].numel())
+
+    def weight_cheaper_with_grad(self, layer, weight, rank, x):  # type: ignore[override]
+        return small_conv_call(x, _positions(layer, x), weight.shape[0], weight[0].numel(), rank)
 
     def stacks_samples(self, layer: nn.Module) -> bool:
         return layer.groups == 1

@@ -27,7 +27,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lora_anywhere import LoraError, Rule, Target, hookimpl
-from lora_anywhere.kernels import many_rows
+from lora_anywhere.rules.torch_nn import many_rows
 
 #: The one target of a layer that adapts its whole `weight`.
 WEIGHT_TARGET = (Target("weight", "weight"),)

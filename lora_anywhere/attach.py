@@ -104,7 +104,7 @@ def _adapted_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if torch.is_grad_enabled():
         weight_cache.drop(self)
     elif not any(a.dropout_active for a in adapters) and (
-        weight_cache.holds(self) or weight_cache.worth_keeping(weight) or rule.weight_cheaper_without_grad(self, weight, *args, **kwargs)
+        weight_cache.holds(self) or rule.weight_cheaper_without_grad(self, weight, *args, **kwargs)
     ):
         # No gradient to pay for: the layer's own forward reads W + ΔW (the property),
         # formed once while the weight is kept (`weight_cache`).

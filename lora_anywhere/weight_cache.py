@@ -37,10 +37,10 @@ def usable() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
-#: A weight this small is kept at its first no-grad call whatever rows the call has:
-#: forming it once costs less than a few calls' A and B terms on the activations, and
-#: its copy at most 256 KB in fp32. (MobileNetV3's squeeze-excitation convs see one
-#: row per image, too few rows for the activation route to form ΔW per call.)
+#: A weight this small is kept at its first no-grad call whatever rows the call has
+#: (the Linear and conv rules ask `worth_keeping`): forming it once costs less than a
+#: few calls' A and B terms on the activations, whose fixed cost per call is what
+#: small layers feel, and its copy is at most 256 KB in fp32.
 SMALL_WEIGHT = 1 << 16
 
 

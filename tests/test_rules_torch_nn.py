@@ -510,6 +510,34 @@ def test_conv_on_unbatched_inputs(layer, x):
     _paths_agree(layer, (x,), rank=2)
 
 
+@pytest.mark.parametrize(
+    ("conv", "shape"),
+    [(nn.Conv2d, (5, 12, 1, 1)), (nn.Conv2d, (12, 1, 1)), (nn.Conv1d, (5, 12, 1))],
+    ids=["batched", "unbatched", "conv1d"],
+)
+def test_a_conv_over_one_position_runs_as_a_linear(conv, shape, monkeypatch):
+    """Squeeze-excitation convs (1×1 kernel, one position) run the fused Linear call, in
+    training and without gradients, with the weight route's numbers."""
+    from lora_anywhere import kernels
+
+    calls = []
+    linear_lora = kernels.linear_lora
+    monkeypatch.setattr(kernels, "linear_lora", lambda *args: calls.append(1) or linear_lora(*args))
+    factory = lambda: conv(12, 6, 1)  # noqa: E731
+    x = torch.randn(*shape)
+    _paths_agree(factory, (x,), rank=3)
+    assert calls, "the one-position conv did not run as a Linear"
+    calls.clear()
+    torch.manual_seed(0)
+    model = la.apply(factory(), rank=3, route="activation").eval()
+    randomize_adapters(model, seed=1)
+    with torch.no_grad():
+        unmerged = model(x)
+        assert calls
+        la.merge(model)
+        torch.testing.assert_close(unmerged, model(x))
+
+
 def test_small_conv_training_calls_run_on_w_plus_delta(monkeypatch):
     """Below `SMALL_CONV_CALL` an activation-route conv trains through W + ΔW (its own
     forward), with the same numbers; not with A frozen (LoRA-FA keeps no copy of the

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import weight_cache
 from ..hookspecs import hookimpl
-from ..kernels import conv_lora, linear_lora, many_rows
+from ..kernels import conv_lora, linear_lora, many_rows, one_position
 from ..rule import Rule, Target
 
 #: The one target of a layer that adapts its whole `weight`.
@@ -37,7 +38,7 @@ class LinearRule(Rule):
         return wide_matrix(out_features, in_features, LINEAR_WIDTH)
 
     def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
-        return many_rows(x.numel() // max(x.shape[-1], 1), *weight.shape)
+        return many_rows(x.numel() // max(x.shape[-1], 1), *weight.shape) or weight_cache.worth_keeping(weight)
 
     def stacks_samples(self, layer: nn.Module) -> bool:
         return True
@@ -139,9 +140,13 @@ class ConvRule(Rule):
         return layer.groups == 1
 
     def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
-        return many_rows(_positions(layer, x), weight.shape[0], weight[0].numel())
+        if one_position(layer, x):  # the fused call is a matmul, the layer's own a slower conv
+            return False
+        return many_rows(_positions(layer, x), weight.shape[0], weight[0].numel()) or weight_cache.worth_keeping(weight)
 
     def weight_cheaper_with_grad(self, layer, weight, rank, x):  # type: ignore[override]
+        if one_position(layer, x):
+            return False
         return small_conv_call(x, _positions(layer, x), weight.shape[0], weight[0].numel(), rank)
 
     def stacks_samples(self, layer: nn.Module) -> bool:

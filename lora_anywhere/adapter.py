@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import LoraError
-from .kernels import autocast_dtype
+from .kernels import autocast_dtype, plus_low_rank
 from .rule import Rule
 from .sharding import is_sharded, may_be_sharded
 
@@ -34,15 +34,6 @@ _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
     return x.view(_SAME_SIZE_INT[x.element_size()]) if x.is_floating_point() else x
-
-
-def _addmm(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
-    """W + scale·B·A as one addmm — the op `merge_block` runs in place, so merged and
-    unmerged agree to the bit. A 2-D W is not reshaped: one op less per call, which
-    small layers feel."""
-    if w.dim() == 2:
-        return torch.addmm(w, b, a, alpha=scale)
-    return torch.addmm(w.view(b.shape[0], -1), b, a, alpha=scale).view(w.shape)
 
 
 @dataclass
@@ -425,8 +416,8 @@ class LayerAdapter(nn.Module):
                 if autocast_dtype(w.device.type) is not None:
                     # Under autocast, W + ΔW keeps W's dtype: the layer casts it as it would W.
                     with torch.autocast(w.device.type, enabled=False):
-                        return _addmm(w, b, a, scale)
-                return _addmm(w, b, a, scale)
+                        return plus_low_rank(w, b, a, scale)
+                return plus_low_rank(w, b, a, scale)
             if self.dora:
                 return self._dora_weight(blocks[0], w)[0]
         return w + self._blocks_delta(list(blocks), w)
@@ -537,7 +528,7 @@ class LayerAdapter(nn.Module):
         fast = self._addmm_factors(t, block)
         if fast is not None:
             a, b, scale = fast
-            return _addmm(block, b, a, scale)
+            return plus_low_rank(block, b, a, scale)
         if not self.dora:
             return block + self.factors[t.name].delta().view(block.shape).to(block.dtype)
         return self._dora_weight(t, block)[0]
@@ -547,7 +538,7 @@ class LayerAdapter(nn.Module):
         fast = self._addmm_factors(t, block)
         if fast is not None:
             a, b, scale = fast
-            return _addmm(block, b, a, -scale)
+            return plus_low_rank(block, b, a, -scale)
         delta = self.factors[t.name].delta().view(block.shape).to(block.dtype)
         if not self.dora:
             return block - delta

@@ -62,7 +62,7 @@ class FusedLinearLoRA(torch.autograd.Function):
         gz_t = torch.mm(b.t(), g_t) if need_a or (need_x and not fold) else None  # (r, N), unscaled
         gx = gw = gbias = ga = gb = None
         if need_x and fold:
-            gx = torch.mm(g, torch.addmm(weight, b, a, alpha=s)).view(ctx.x_shape)
+            gx = torch.mm(g, plus_low_rank(weight, b, a, s)).view(ctx.x_shape)
         elif need_x:
             gx = torch.mm(g, weight).addmm_(gz_t.t(), a, alpha=s).view(ctx.x_shape)
         if need_a:
@@ -87,7 +87,7 @@ def _linear_forward(
     # view: an in-place op after the layer (Hardswish(inplace=True)) must work.
     y = x.new_empty(*x.shape[:-1], weight.shape[0])
     y2 = y.view(-1, weight.shape[0])
-    w = torch.addmm(weight, b, a, alpha=scale) if fold else weight
+    w = plus_low_rank(weight, b, a, scale) if fold else weight
     if bias is None:
         torch.mm(x2, w.t(), out=y2)
     else:
@@ -224,7 +224,7 @@ class FusedConvLoRA(torch.autograd.Function):
             # does), so a frozen A keeps no copy of x.
             shape_only = x if x is not None else grad.new_empty(1).expand(ctx.x_shape)
             if fold:
-                w = folded_weight(weight, a_kernel, b, scale)
+                w = plus_low_rank(weight, b, a_kernel, scale)
                 gx = _conv_backward(grad, shape_only, w, None, stride, padding, dilation, False, no_pad, 1, [True, False, False])[0]
             elif point:
                 gx = _conv_backward(grad, shape_only, weight, None, stride, padding, dilation, False, no_pad, 1, [True, False, False])[0]
@@ -273,7 +273,7 @@ def _conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     dims = weight.dim() - 2
     n, r = x.shape[0], a.shape[0]
     a_kernel = a.view(r, *weight.shape[1:])
-    y = _CONV[dims](x, folded_weight(weight, a_kernel, b, scale) if fold else weight, bias, stride, padding, dilation)
+    y = _CONV[dims](x, plus_low_rank(weight, b, a, scale) if fold else weight, bias, stride, padding, dilation)
     if fold and not keep_z:
         return y, None
     if pointwise(weight, stride, padding) and x.is_contiguous():
@@ -299,9 +299,13 @@ def _conv_output(*args: Any) -> tuple[torch.Tensor, None]:
     return _conv_forward(*args, keep_z=False)[0], None
 
 
-def folded_weight(weight: torch.Tensor, a_kernel: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """W + s·B A in the conv weight's shape."""
-    return torch.addmm(weight.reshape(weight.shape[0], -1), b, a_kernel.reshape(a_kernel.shape[0], -1), alpha=scale).view(weight.shape)
+def plus_low_rank(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale·B·A in W's shape, as one addmm: the op `merge_block` runs in place, so
+    merged, unmerged and folded calls agree to the bit. A 2-D W is not reshaped: one op
+    less per call, which small layers feel."""
+    if w.dim() == 2 and a.dim() == 2:
+        return torch.addmm(w, b, a, alpha=scale)
+    return torch.addmm(w.reshape(b.shape[0], -1), b, a.reshape(a.shape[0], -1), alpha=scale).view(w.shape)
 
 
 def per_sample_mm(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -310,6 +314,13 @@ def per_sample_mm(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     all of t transposed and then its result back: on a 1×1 conv's input that copy
     cost more than the product itself (bench/layer_paths.py)."""
     return torch.bmm(m.expand(t.shape[0], *m.shape), t)
+
+
+def conv_positions(layer: Any, x: torch.Tensor) -> int:
+    """The output positions a conv computes for `x`, batched or not (about: padding
+    and dilation aside)."""
+    channels = x.shape[-len(layer.kernel_size) - 1]
+    return x.numel() // max(channels, 1) // math.prod(layer.stride)
 
 
 def one_position(layer: Any, x: torch.Tensor) -> bool:
@@ -363,8 +374,7 @@ def conv_lora(layer: Any, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor
         y = linear_lora(x.reshape(n, -1), weight.reshape(weight.shape[0], -1), layer.bias, a, b, scale).view(n, -1, *ones)
         return y.squeeze(0) if unbatched else y
     x, padding = explicit_padding(layer, x)
-    positions = x.numel() // x.shape[1] // math.prod(layer.stride)
-    fold = folds_delta(x, "conv", positions, weight.shape[0], weight[0].numel())
+    fold = folds_delta(x, "conv", conv_positions(layer, x), weight.shape[0], weight[0].numel())
     conf = (scale, fold, list(layer.stride), padding, list(layer.dilation))
     y = _apply(FusedConvLoRA, _conv_output, x, weight, layer.bias, a, b, rest=conf)
     return y.squeeze(0) if unbatched else y

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from .. import weight_cache
 from ..hookspecs import hookimpl
-from ..kernels import conv_lora, linear_lora, many_rows, one_position
+from ..kernels import conv_lora, conv_positions, linear_lora, many_rows, one_position
 from ..rule import Rule, Target
 
 #: The one target of a layer that adapts its whole `weight`.
@@ -102,13 +102,6 @@ def small_conv_call(x: torch.Tensor, positions: int, out: int, cols: int, rank: 
     return x.device.type == "cpu" and (positions + 3 * rank) * out * cols < SMALL_CONV_CALL
 
 
-def _positions(layer: nn.Module, x: torch.Tensor) -> int:
-    """The output positions a conv computes for `x`, batched or not (about: padding
-    and dilation aside)."""
-    channels = x.shape[-len(layer.kernel_size) - 1]
-    return x.numel() // max(channels, 1) // math.prod(layer.stride)
-
-
 _CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -142,12 +135,12 @@ class ConvRule(Rule):
     def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
         if one_position(layer, x):  # the fused call is a matmul, the layer's own a slower conv
             return False
-        return many_rows(_positions(layer, x), weight.shape[0], weight[0].numel()) or weight_cache.worth_keeping(weight)
+        return many_rows(conv_positions(layer, x), weight.shape[0], weight[0].numel()) or weight_cache.worth_keeping(weight)
 
     def weight_cheaper_with_grad(self, layer, weight, rank, x):  # type: ignore[override]
         if one_position(layer, x):
             return False
-        return small_conv_call(x, _positions(layer, x), weight.shape[0], weight[0].numel(), rank)
+        return small_conv_call(x, conv_positions(layer, x), weight.shape[0], weight[0].numel(), rank)
 
     def stacks_samples(self, layer: nn.Module) -> bool:
         return layer.groups == 1

@@ -199,6 +199,21 @@ def checkpoint_blocks(model: nn.Module, blocks: tuple[str, ...], keep: Callable[
     return model
 
 
+def _forced_activation(model: nn.Module) -> Callable[..., object]:
+    """`model`'s forward with its activation-route layers on their activations at any
+    size (no per-call switch to W + ΔW; the backward follows the forward's choice)."""
+    from lora_anywhere.rules import torch_nn
+
+    def run(*args: object) -> object:
+        saved, torch_nn.SMALL_CALL_OFF_CPU = torch_nn.SMALL_CALL_OFF_CPU, 0
+        try:
+            return model(*args)
+        finally:
+            torch_nn.SMALL_CALL_OFF_CPU = saved
+
+    return run
+
+
 def bitfit(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(p.dim() == 1)
@@ -252,6 +267,10 @@ def contenders(case: Case, rank: int, with_peft: bool, setup: Setup | None = Non
         "lora_anywhere": lambda m: la.apply(m, rank=rank),
         "lora_anywhere, weight route": lambda m: la.apply(m, rank=rank, route="weight"),
     }
+    if setup.device != "cpu":
+        # A GPU trains small calls of activation-route layers on W + ΔW
+        # (`SMALL_CALL_OFF_CPU`): the forced activation route shows what that choice gains.
+        makers["lora_anywhere, activation route"] = lambda m: la.apply(m, rank=rank, route="activation")
     if with_peft:
         makers["PEFT LoRA"] = lambda m: peft_lora(m, rank)
     plan = [(name, make, False) for name, make in makers.items()]
@@ -262,7 +281,7 @@ def contenders(case: Case, rank: int, with_peft: bool, setup: Setup | None = Non
         try:
             model = make(copy.deepcopy(base)).to(setup.device).train()
             params = [p for p in model.parameters() if p.requires_grad]
-            run = torch.compile(model) if compiled else model
+            run = torch.compile(model) if compiled else (_forced_activation(model) if name.endswith("activation route") else model)
             out.append(Contender(name, model, optimizer=torch.optim.AdamW(params, lr=1e-4), run=run))
         except Exception as exc:  # PEFT refuses some layers: report, don't crash
             out.append(Contender(name, None, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"))

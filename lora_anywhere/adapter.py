@@ -6,6 +6,7 @@ These modules hold parameters only. How they change a layer's output lives in
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
@@ -409,18 +410,39 @@ class LayerAdapter(nn.Module):
         blocks = self._on_tensor.get((owner, tensor))
         if blocks is None or self._sharded(blocks):
             return w
-        if len(blocks) == 1 and blocks[0].rows is None:
-            fast = self._addmm_factors(blocks[0], w)
+        whole = len(blocks) == 1 and blocks[0].rows is None
+        if whole or all(t.rows is not None for t in blocks):
+            # Under autocast, W + ΔW keeps W's dtype: the layer casts it as it would W.
+            with torch.autocast(w.device.type, enabled=False) if autocast_dtype(w.device.type) else contextlib.nullcontext():
+                fast = self._plus_low_rank(blocks[0], w) if whole else self._rows_plus_low_rank(blocks, w)
             if fast is not None:
-                a, b, scale = fast
-                if autocast_dtype(w.device.type) is not None:
-                    # Under autocast, W + ΔW keeps W's dtype: the layer casts it as it would W.
-                    with torch.autocast(w.device.type, enabled=False):
-                        return plus_low_rank(w, b, a, scale)
-                return plus_low_rank(w, b, a, scale)
-            if self.dora:
+                return fast
+            if whole and self.dora:
                 return self._dora_weight(blocks[0], w)[0]
         return w + self._blocks_delta(list(blocks), w)
+
+    def _plus_low_rank(self, t: ResolvedTarget, block: torch.Tensor) -> torch.Tensor | None:
+        """block + ΔW as one addmm (`plus_low_rank`), or None where it does not apply."""
+        fast = self._addmm_factors(t, block)
+        return None if fast is None else plus_low_rank(block, fast[1], fast[0], fast[2])
+
+    def _rows_plus_low_rank(self, blocks: list[ResolvedTarget], w: torch.Tensor) -> torch.Tensor | None:
+        """W + ΔW for row blocks (q, k, v of a packed projection): one addmm per block and
+        W's own rows between them, joined — the ops `merge_block` runs on each block in
+        place, and fewer per call than forming the blocks' ΔW, padding and adding it."""
+        pieces, row = [], 0
+        for t in sorted(blocks, key=lambda t: t.rows[0]):
+            start, stop = t.rows
+            if start < row:
+                return None
+            piece = self._plus_low_rank(t, w[start:stop])
+            if piece is None:
+                return None
+            pieces += [w[row:start], piece] if start > row else [piece]
+            row = stop
+        if row < w.shape[0]:
+            pieces.append(w[row:])
+        return torch.cat(pieces)
 
     def inputs_of(self, owner: str, tensor: str) -> list[torch.Tensor]:
         """Every tensor `add_to` reads to update this tensor (none if it leaves it alone)."""

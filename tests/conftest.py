@@ -39,12 +39,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 @pytest.fixture(autouse=True)
 def _fused_conv_calls(monkeypatch):
-    """The tests' layers are tiny, and a tiny conv call in training takes the weight
-    route (`SMALL_CONV_CALL`, tested on its own): off, so that the fused conv functions
-    are what activation-route tests run."""
+    """The tests' layers are tiny, and a tiny call in training takes the weight route
+    (`SMALL_CONV_CALL` on the CPU, `SMALL_CALL_OFF_CPU` on a GPU; tested on their
+    own): off, so that the fused functions are what activation-route tests run."""
     from lora_anywhere.rules import torch_nn
 
     monkeypatch.setattr(torch_nn, "SMALL_CONV_CALL", 0)
+    monkeypatch.setattr(torch_nn, "SMALL_CALL_OFF_CPU", 0)
 
 
 @pytest.fixture(autouse=True)

@@ -27,9 +27,10 @@ from lora_anywhere import sharding
 from lora_anywhere.rules import torch_nn
 from lora_anywhere.testing import tensors_of
 
-# As in conftest.py: tiny conv calls in training would take the weight route instead
-# of the fused conv functions that the activation-route cases are here to shard.
+# As in conftest.py: tiny calls in training would take the weight route instead of
+# the fused functions that the activation-route cases are here to shard.
 torch_nn.SMALL_CONV_CALL = 0
+torch_nn.SMALL_CALL_OFF_CPU = 0
 
 STEPS = 3
 

@@ -55,6 +55,25 @@ def test_cuda_step_matches_cpu(route: str, dtype: torch.dtype | None) -> None:
         torch.testing.assert_close(g.cpu(), r, **tol)
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_small_training_calls_take_w_plus_delta(monkeypatch, dtype: torch.dtype | None) -> None:
+    """On a GPU an activation-route layer's small training call runs on W + ΔW
+    (`SMALL_CALL_OFF_CPU`), with the fused route's numbers."""
+    from lora_anywhere.rules import torch_nn
+
+    x = torch.randn(4, 3, 16, 16, device="cuda")
+    fused, fused_grads = step(adapted("activation").cuda(), x, dtype)
+    monkeypatch.setattr(torch_nn, "SMALL_CALL_OFF_CPU", 10**11)
+    model = adapted("activation").cuda()
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+        assert type(model[0](x).grad_fn).__name__ != "FusedConvLoRABackward"
+    out, grads = step(model, x, dtype)
+    tol = dict(rtol=5e-2, atol=5e-2) if dtype is not None else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, fused, **tol)
+    for g, f in zip(grads, fused_grads, strict=True):
+        torch.testing.assert_close(g, f, **tol)
+
+
 @torch.no_grad()
 def test_cuda_merge_and_per_sample() -> None:
     model = adapted("auto").cuda().eval()

@@ -563,6 +563,30 @@ def test_small_conv_training_calls_run_on_w_plus_delta(monkeypatch):
     _paths_agree(lambda: nn.Conv2d(4, 8, 3), (x.detach(),), rank=2)
 
 
+def test_small_training_calls_off_the_cpu_run_on_w_plus_delta(monkeypatch):
+    """On a GPU (any device but the CPU) a Linear's or conv's training call below
+    `SMALL_CALL_OFF_CPU` multiply-adds is better served by W + ΔW; on the CPU only a
+    conv's, below `SMALL_CONV_CALL`. Meta tensors stand in for a device's: only the
+    device type and shapes are read."""
+    from lora_anywhere.rules import torch_nn
+
+    monkeypatch.setattr(torch_nn, "SMALL_CONV_CALL", 10**8)
+    monkeypatch.setattr(torch_nn, "SMALL_CALL_OFF_CPU", 10**8)
+    linear, conv = torch_nn.LinearRule(), torch_nn.ConvRule(nn.Conv2d)
+    lin_layer, conv_layer = nn.Linear(64, 32), nn.Conv2d(16, 32, 3)
+    for device, linear_small in (("cpu", False), ("meta", True)):
+        rows = torch.empty(100, 64, device=device)  # (100 + 3·8)·32·64 ≈ 2.5·10⁵
+        assert linear.weight_cheaper_with_grad(lin_layer, lin_layer.weight, 8, rows) is linear_small
+        assert conv.weight_cheaper_with_grad(conv_layer, conv_layer.weight, 8, torch.empty(2, 16, 10, 10, device=device))
+        many = torch.empty(100_000, 64, device=device)  # 2·10⁸
+        assert not linear.weight_cheaper_with_grad(lin_layer, lin_layer.weight, 8, many)
+        assert not conv.weight_cheaper_with_grad(conv_layer, conv_layer.weight, 8, torch.empty(200, 16, 100, 100, device=device))
+    # A squeeze-excitation conv runs as a matmul on the CPU; elsewhere it is a call like any.
+    se = nn.Conv2d(64, 16, 1)
+    assert not conv.weight_cheaper_with_grad(se, se.weight, 8, torch.empty(4, 64, 1, 1))
+    assert conv.weight_cheaper_with_grad(se, se.weight, 8, torch.empty(4, 64, 1, 1, device="meta"))
+
+
 def test_fused_calls_fold_delta_only_with_many_rows_in_full_precision():
     """W + ΔW replaces W in the base product only where it is cheaper (many rows) and
     where rounding it cannot drop a small ΔW (not bf16, fp16, or under autocast)."""

@@ -40,6 +40,9 @@ class LinearRule(Rule):
     def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
         return many_rows(x.numel() // max(x.shape[-1], 1), *weight.shape) or weight_cache.worth_keeping(weight)
 
+    def weight_cheaper_with_grad(self, layer, weight, rank, x):  # type: ignore[override]
+        return small_training_call(x, x.numel() // max(x.shape[-1], 1), *weight.shape, rank, conv=False)
+
     def stacks_samples(self, layer: nn.Module) -> bool:
         return True
 
@@ -94,12 +97,26 @@ def add_low_rank(y: torch.Tensor, z: torch.Tensor, b: torch.Tensor, channel_dim:
 #: bench/layer_paths.py: MobileNetV3's pointwise convs at 60M and below lose on the
 #: activations, ResNet-50's 1×1 and 3×3 convs from 210M up win).
 SMALL_CONV_CALL = 100_000_000
+#: The same bound for a Linear's or conv's training call on a GPU (any device but the
+#: CPU). There a call's extra kernels cost launches and passes over the activations
+#: whatever their arithmetic, and a weight gradient below ~10¹¹ FLOPs takes well under
+#: 0.2 ms on an H100/H200: in the one H200 run (bf16, batch 64; docs/benchmarks.md),
+#: whose layers' calls all stay below 2·10¹⁰, the weight route trained ResNet-50 and
+#: wav2vec2-base 25 % faster than the activation route and no model measurably slower.
+#: Above it (a 4096 × 4096 Linear over 8k tokens: 1.4·10¹¹) the weight gradient's GEMM
+#: costs more than the activation route saves. Not measured per layer on a GPU yet.
+SMALL_CALL_OFF_CPU = 50_000_000_000
 
 
-def small_conv_call(x: torch.Tensor, positions: int, out: int, cols: int, rank: int) -> bool:
-    """Whether a training call of an ungrouped conv is small (`SMALL_CONV_CALL`). Only
-    on the CPU, where it was measured."""
-    return x.device.type == "cpu" and (positions + 3 * rank) * out * cols < SMALL_CONV_CALL
+def small_training_call(x: torch.Tensor, rows: int, out: int, cols: int, rank: int, *, conv: bool) -> bool:
+    """Whether a training call of a layer on the activation route is better served by
+    W + ΔW: whether its weight route adds fewer multiply-adds than `SMALL_CONV_CALL`
+    (a conv on the CPU; the CPU trains Linears above `LINEAR_WIDTH` faster on the
+    activations at any rows) or `SMALL_CALL_OFF_CPU` (a Linear or conv elsewhere)."""
+    cost = (rows + 3 * rank) * out * cols
+    if x.device.type == "cpu":
+        return conv and cost < SMALL_CONV_CALL
+    return cost < SMALL_CALL_OFF_CPU
 
 
 _CONV_FN: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -138,9 +155,9 @@ class ConvRule(Rule):
         return many_rows(conv_positions(layer, x), weight.shape[0], weight[0].numel()) or weight_cache.worth_keeping(weight)
 
     def weight_cheaper_with_grad(self, layer, weight, rank, x):  # type: ignore[override]
-        if one_position(layer, x):
+        if x.device.type == "cpu" and one_position(layer, x):
             return False
-        return small_conv_call(x, conv_positions(layer, x), weight.shape[0], weight[0].numel(), rank)
+        return small_training_call(x, conv_positions(layer, x), weight.shape[0], weight[0].numel(), rank, conv=True)
 
     def stacks_samples(self, layer: nn.Module) -> bool:
         return layer.groups == 1

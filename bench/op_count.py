@@ -1,0 +1,176 @@
+"""How many tensor operations a train step and an inference call dispatch: a count that
+does not depend on the machine, where a GPU's step time does when its kernels finish
+faster than the host issues them (the GPU run of #16: LoRA 1.3–1.8× full fine-tuning's
+step although its extra arithmetic is a few percent).
+
+    .venv/bin/python bench/op_count.py [--models resnet50,vit_small] [--out DIR]
+
+Each operation that reaches a kernel counts once (views, which launch none, and the
+optimizer's reads of its CPU step counters are not counted), in the forward, the
+backward and AdamW's step (foreach, as on a GPU), under bf16 autocast as `bench/gpu.sh`
+runs; the models and inputs are `bench/train_step.py`'s quick sizes. LoRA runs on each
+route for every layer: on a GPU, `route="auto"` trains these models' calls on the weight
+route (`SMALL_CALL_OFF_CPU`), so the weight route's column is what a GPU runs. Per
+adapted layer: (contender − BitFit floor) ÷ the adapted layers. Inference counts the
+second eval call without gradients of the unmerged model (the first forms what the
+layers keep). Writes bench/results/op_count.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import platform
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+from results_file import write_results
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from train_step import Case, bitfit, cases, peft_lora
+
+import lora_anywhere as la
+from lora_anywhere.rules import torch_nn
+
+RESULTS = Path(__file__).parent / "results"
+
+
+#: No kernel: a tensor's detached alias, and AdamW reading its step counters (on the CPU).
+UNCOUNTED = (torch.ops.aten.detach.default, torch.ops.aten._local_scalar_dense.default)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the operations that run a kernel, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if not func.is_view and func not in UNCOUNTED:
+            self.ops[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count(run: Callable[[], object]) -> collections.Counter[str]:
+    with OpCounter() as counter:
+        run()
+    return counter.ops
+
+
+def train_ops(model: nn.Module, case: Case, inputs: tuple) -> collections.Counter[str]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = case.loss(model(*inputs))
+        loss.backward()
+        opt.step()
+
+    step()  # AdamW's state is created at its first step
+    return count(step)
+
+
+def inference_ops(model: nn.Module, inputs: tuple) -> collections.Counter[str]:
+    model.eval()
+
+    def call() -> None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(*inputs)
+
+    call()
+    return count(call)
+
+
+def adapted_layers(model: nn.Module) -> int:
+    return len({row.layer for row in la.summary(model).rows})
+
+
+def run_case(case: Case, rank: int) -> dict:
+    torch.manual_seed(0)
+    base = case.build()
+    inputs = case.inputs()
+    makers: dict[str, Callable[[nn.Module], nn.Module]] = {
+        "BitFit floor": bitfit,
+        "full fine-tuning": lambda m: m,
+        "lora_anywhere, weight route": lambda m: la.apply(m, rank=rank, route="weight"),
+        "lora_anywhere, activation route": lambda m: la.apply(m, rank=rank, route="activation"),
+        "PEFT LoRA": lambda m: peft_lora(m, rank),
+    }
+    rows: dict[str, dict] = {}
+    layers = None
+    for name, make in makers.items():
+        try:
+            model = make(copy.deepcopy(base)).train()
+        except Exception as exc:  # PEFT refuses some layers
+            rows[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"}
+            continue
+        if name == "lora_anywhere, weight route":
+            layers = adapted_layers(model)
+        train = train_ops(model, case, inputs)
+        rows[name] = {"train": sum(train.values()), "train_by_op": dict(train.most_common())}
+        if name in ("BitFit floor", "PEFT LoRA"):
+            rows[name]["inference"] = sum(inference_ops(model, inputs).values())
+    rows["lora_anywhere"] = {"inference": sum(inference_ops(la.apply(copy.deepcopy(base), rank=rank), inputs).values())}
+    floor = rows["BitFit floor"]
+    for row in rows.values():
+        if "train" in row and layers:
+            row["train_per_layer"] = (row["train"] - floor["train"]) / layers
+        if "inference" in row and layers:
+            row["inference_per_layer"] = (row["inference"] - floor["inference"]) / layers
+    return {"case": case.name, "adapted_layers": layers, "contenders": rows}
+
+
+COLUMNS = ("full fine-tuning", "lora_anywhere, weight route", "lora_anywhere, activation route", "PEFT LoRA")
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [
+        "Operations per train step beyond the BitFit floor's, per adapted layer (the floor's whole count in its column).",
+        "",
+        "| model | adapted layers | BitFit floor | " + " | ".join(COLUMNS) + " |",
+        "|---|---|---|" + "---|" * len(COLUMNS),
+    ]
+    for r in results:
+        c = r["contenders"]
+        cells = [f"+{c[k]['train_per_layer']:.1f}" if "train" in c[k] else "refuses" for k in COLUMNS]
+        lines.append(f"| {r['case']} | {r['adapted_layers']} | {c['BitFit floor']['train']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Operations per no-grad inference call beyond the base model's, per adapted layer (unmerged).",
+        "",
+        "| model | base | lora_anywhere | PEFT LoRA |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        c = r["contenders"]
+        cells = [f"+{c[k]['inference_per_layer']:.1f}" if "inference" in c[k] else "refuses" for k in ("lora_anywhere", "PEFT LoRA")]
+        lines.append(f"| {r['case']} | {c['BitFit floor']['inference']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet50,mobilenet_v3_large,vit_small,swin_tiny,wav2vec2_base,conformer,gcn,gat")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch_nn.SMALL_CONV_CALL = 0  # each route as forced, not the CPU's per-call choice
+    results = []
+    for case in cases(True):
+        if case.name in args.models.split(","):
+            print(f"== {case.name}", flush=True)
+            results.append(run_case(case, args.rank))
+    meta = {"torch": torch.__version__, "python": sys.version.split()[0], "machine": platform.machine(), "rank": args.rank}
+    text = markdown(results)
+    write_results(args.out, "op_count", meta, results, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,9 +7,10 @@ its kernels finish faster than the host issues them.
 
 A stack of 50 tiny layers (Linear 16 → 16 on one row; Conv2d 8 → 8, 3×3 on a 4×4
 image), so the arithmetic is negligible and the time is the per-call cost. For the
-frozen stack, LoRA on each route (rank 4) and PEFT's LoRA, the time per layer of a
-no-grad forward and of a training step (forward + backward), minimum over repeats
-within a group, median (and range) over ``--runs`` groups, the contenders
+frozen stack, full fine-tuning (every weight trained: the cost a LoRA layer's training
+step should not exceed), LoRA on each route (rank 4) and PEFT's LoRA, the time per
+layer of a no-grad forward and of a training step (forward + backward), minimum over
+repeats within a group, median (and range) over ``--runs`` groups, the contenders
 interleaved. Writes bench/results/overhead[_cuda].{md,json}.
 """
 
@@ -42,6 +43,7 @@ def contenders(layer: Callable[[], nn.Module], with_peft: bool) -> dict[str, nn.
     base = nn.Sequential(*[layer() for _ in range(LAYERS)])
     out = {
         "frozen": copy.deepcopy(base).requires_grad_(False),
+        "full fine-tuning": copy.deepcopy(base),
         "LoRA, weight route": la.apply(copy.deepcopy(base), rank=RANK, route="weight"),
         "LoRA, activation route": la.apply(copy.deepcopy(base), rank=RANK, route="activation"),
     }

@@ -6,7 +6,6 @@ These modules hold parameters only. How they change a layer's output lives in
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
@@ -412,9 +411,11 @@ class LayerAdapter(nn.Module):
             return w
         whole = len(blocks) == 1 and blocks[0].rows is None
         if whole or all(t.rows is not None for t in blocks):
-            # Under autocast, W + ΔW keeps W's dtype: the layer casts it as it would W.
-            with torch.autocast(w.device.type, enabled=False) if autocast_dtype(w.device.type) else contextlib.nullcontext():
+            if autocast_dtype(w.device.type) is None:
                 fast = self._plus_low_rank(blocks[0], w) if whole else self._rows_plus_low_rank(blocks, w)
+            else:  # W + ΔW keeps W's dtype: the layer casts it as it would W
+                with torch.autocast(w.device.type, enabled=False):
+                    fast = self._plus_low_rank(blocks[0], w) if whole else self._rows_plus_low_rank(blocks, w)
             if fast is not None:
                 return fast
             if whole and self.dora:

@@ -26,7 +26,7 @@ from torch import nn
 from . import weight_cache
 from .adapter import LayerAdapter, Term
 from .errors import LoraError
-from .sharding import is_sharded, keep_sharded_class
+from .sharding import is_sharded, keep_sharded_class, may_be_sharded
 
 ADAPTERS = "lora_adapters"
 _LAYER = "_lora_layer"  # on a tensor owner: the layer whose adapters apply
@@ -53,7 +53,7 @@ def effective_tensor(owner: nn.Module, tensor: str, *, include_activation: bool 
     those the owner's own forward adds on the activations, if asked). A shard (FSDP2,
     outside the forward) is returned as it is: ΔW is added where the tensor is whole."""
     w = owner._parameters[tensor]
-    if is_sharded(w):
+    if may_be_sharded() and is_sharded(w):
         return w
     layer = owner.__dict__[_LAYER]
     owner_name = owner.__dict__[_OWNER_NAME]
@@ -135,12 +135,12 @@ def _weight_route_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     # A forward may read its weight many times (HeteroLinear reads weight[t] once per
     # type): form W + ΔW once per call. A compiled graph dedupes the reads itself.
     forward = type(self).__lora_base__.forward
+    if _CACHE in self.__dict__ or torch.compiler.is_compiling():
+        return forward(self, *args, **kwargs)
     if torch.is_grad_enabled():
         weight_cache.drop(self)
     elif weight_cache.usable():
         return forward(self, *args, **kwargs)  # the property keeps W + ΔW across calls
-    if _CACHE in self.__dict__ or torch.compiler.is_compiling():
-        return forward(self, *args, **kwargs)
     self.__dict__[_CACHE] = {}
     try:
         return forward(self, *args, **kwargs)

@@ -31,8 +31,13 @@ _WRAPPED: dict[type, type] = {}  # an inner class → its FSDP2 class, made by `
 
 
 def may_be_sharded() -> bool:
-    """Whether any tensor can be a DTensor yet: a check that costs nothing when not."""
-    return _TENSOR_MODULE in sys.modules
+    """Whether any tensor can be a DTensor now: a check that costs nothing when not,
+    for the paths every call runs. A DTensor lives on a device mesh, whose process group
+    exists (torch.distributed.tensor alone is loaded by timm, torch.compile and others)."""
+    if _TENSOR_MODULE not in sys.modules:
+        return False
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 def is_sharded(*tensors: Any) -> bool:

@@ -68,7 +68,8 @@ def test_cuda_small_training_calls_take_w_plus_delta(monkeypatch, dtype: torch.d
     with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
         assert type(model[0](x).grad_fn).__name__ != "FusedConvLoRABackward"
     out, grads = step(model, x, dtype)
-    tol = dict(rtol=5e-2, atol=5e-2) if dtype is not None else dict(rtol=1e-4, atol=1e-4)
+    # fp32 convs may run in TF32 on the GPU, where W + ΔW and W with s·B z round apart.
+    tol = dict(rtol=5e-2, atol=5e-2) if dtype is not None else dict(rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(out, fused, **tol)
     for g, f in zip(grads, fused_grads, strict=True):
         torch.testing.assert_close(g, f, **tol)

@@ -102,7 +102,8 @@ SMALL_CONV_CALL = 100_000_000
 #: whatever their arithmetic, and a weight gradient below ~10¹¹ FLOPs takes well under
 #: 0.2 ms on an H100/H200: in the one H200 run (bf16, batch 64; docs/benchmarks.md),
 #: whose layers' calls all stay below 2·10¹⁰, the weight route trained ResNet-50 and
-#: wav2vec2-base 25 % faster than the activation route and no model measurably slower.
+#: wav2vec2-base about 25 % faster than `auto` did with their wide layers on the
+#: activations, and no model measurably slower.
 #: Above it (a 4096 × 4096 Linear over 8k tokens: 1.4·10¹¹) the weight gradient's GEMM
 #: costs more than the activation route saves. Not measured per layer on a GPU yet.
 SMALL_CALL_OFF_CPU = 50_000_000_000

@@ -29,36 +29,13 @@ from typing import Callable
 import torch
 from results_file import write_results
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from train_step import Case, bitfit, cases, peft_lora
 
 import lora_anywhere as la
 from lora_anywhere.rules import torch_nn
+from lora_anywhere.testing import count_ops
 
 RESULTS = Path(__file__).parent / "results"
-
-
-#: No kernel: a tensor's detached alias, and AdamW reading its step counters (on the CPU).
-UNCOUNTED = (torch.ops.aten.detach.default, torch.ops.aten._local_scalar_dense.default)
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the operations that run a kernel, by name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter[str] = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        if not func.is_view and func not in UNCOUNTED:
-            self.ops[func.__name__.split(".")[0]] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def count(run: Callable[[], object]) -> collections.Counter[str]:
-    with OpCounter() as counter:
-        run()
-    return counter.ops
 
 
 def train_ops(model: nn.Module, case: Case, inputs: tuple) -> collections.Counter[str]:
@@ -73,7 +50,7 @@ def train_ops(model: nn.Module, case: Case, inputs: tuple) -> collections.Counte
         opt.step()
 
     step()  # AdamW's state is created at its first step
-    return count(step)
+    return count_ops(step)
 
 
 def inference_ops(model: nn.Module, inputs: tuple) -> collections.Counter[str]:
@@ -84,7 +61,7 @@ def inference_ops(model: nn.Module, inputs: tuple) -> collections.Counter[str]:
             model(*inputs)
 
     call()
-    return count(call)
+    return count_ops(call)
 
 
 def adapted_layers(model: nn.Module) -> int:

@@ -12,6 +12,7 @@ gives back the original types and state_dict keys with the merged output.
 
 from __future__ import annotations
 
+import collections
 import math
 import tempfile
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import api, attach, io
 from .adapter import LowRank
@@ -161,3 +163,28 @@ def assert_same_fingerprint(before: dict[str, Any], after: dict[str, Any]) -> No
     for key, value in before["tensors"].items():
         assert bitwise_equal(after["tensors"][key], value), key
     assert {k: v for k, v in after.items() if k != "tensors"} == {k: v for k, v in before.items() if k != "tensors"}
+
+
+#: Operations that launch no kernel: a tensor's detached alias, and a read of a CPU
+#: scalar (AdamW's step counters); views are not counted either.
+_NO_KERNEL = (torch.ops.aten.detach.default, torch.ops.aten._local_scalar_dense.default)
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if not func.is_view and func not in _NO_KERNEL:
+            self.ops[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(run: Callable[[], object]) -> collections.Counter[str]:
+    """The operations `run()` dispatches that run a kernel, by name, in its forward and
+    backward alike. Where a GPU's kernels finish faster than the host issues them, a
+    step's time follows this count; unlike a time, it is the same on every machine."""
+    with _OpCounter() as counter:
+        run()
+    return counter.ops

@@ -3,8 +3,9 @@
 # (eager and compiled, bf16 autocast, against full fine-tuning, the BitFit floor and
 # PEFT; eager also with the activation route forced), CUDA peak memory (with and without
 # activation checkpointing), unmerged and merged inference (eager), the fixed cost per
-# adapted layer, each layer shape on each route, and per-sample serving. Each stage has its own time limit, so a slow one costs only its share;
-# results go to bench/results/gpu_*.
+# adapted layer, each layer shape on each route, and per-sample serving. Each stage has
+# its own time limit, so a slow one costs only its share; results go to
+# bench/results/gpu_*.
 #
 #   bash bench/gpu.sh               # on the GPU machine
 #   bash bench/gpu.sh --cpu-dry-run # every stage on CPU at the smallest sizes: does it run?

@@ -8,6 +8,7 @@
 randomised adapters change it; merged == unmerged; unmerge restores; only adapter
 parameters train; save then load onto a fresh base reproduces the output; `remove`
 gives back the original types and state_dict keys with the merged output.
+`count_ops` counts the kernels a step dispatches (`tests/test_op_count.py`).
 """
 
 from __future__ import annotations
@@ -184,7 +185,8 @@ class _OpCounter(TorchDispatchMode):
 def count_ops(run: Callable[[], object]) -> collections.Counter[str]:
     """The operations `run()` dispatches that run a kernel, by name, in its forward and
     backward alike. Where a GPU's kernels finish faster than the host issues them, a
-    step's time follows this count; unlike a time, it is the same on every machine."""
+    step's time follows this count; unlike a time, it does not depend on the machine's
+    speed or load (only on the torch version's kernels)."""
     with _OpCounter() as counter:
         run()
     return counter.ops

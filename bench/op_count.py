@@ -103,6 +103,31 @@ def run_case(case: Case, rank: int) -> dict:
     return {"case": case.name, "adapted_layers": layers, "contenders": rows}
 
 
+#: The models `bench/serving.py` serves, and how many adapters share a batch there.
+SERVING_MODELS, SERVED_ADAPTERS = ("vit_small", "resnet50"), 8
+
+
+def serving_ops(case: Case, rank: int) -> dict:
+    """One no-grad `per_sample` pass over a batch of `SERVED_ADAPTERS` adapters, one per
+    sample, against the base model's pass: operations beyond it, per adapted layer."""
+    torch.manual_seed(0)
+    model = case.build().eval()
+    inputs = case.inputs()
+    base = sum(inference_ops(model, inputs).values())
+    names = [f"a{i}" for i in range(SERVED_ADAPTERS)]
+    for name in names:
+        la.apply(model, rank=rank, name=name)
+    samples = [names[i % len(names)] for i in range(inputs[0].shape[0])]
+
+    def call() -> None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), la.per_sample(model, samples):
+            model(*inputs)
+
+    call()
+    served = sum(count_ops(call).values())
+    return {"base": base, "per_sample": served, "per_layer": (served - base) / adapted_layers(model), "adapters": SERVED_ADAPTERS}
+
+
 COLUMNS = ("full fine-tuning", "lora_anywhere, weight route", "lora_anywhere, activation route", "PEFT LoRA")
 
 
@@ -128,6 +153,19 @@ def markdown(results: list[dict]) -> str:
         c = r["contenders"]
         cells = [f"+{c[k]['inference_per_layer']:.1f}" if "inference" in c[k] else "refuses" for k in ("lora_anywhere", "PEFT LoRA")]
         lines.append(f"| {r['case']} | {c['BitFit floor']['inference']} | " + " | ".join(cells) + " |")
+    served = [r for r in results if "serving" in r]
+    if served:
+        lines += [
+            "",
+            f"Operations of one no-grad `per_sample` pass with {SERVED_ADAPTERS} adapters in the batch (entering the context included), "
+            "and beyond the base model's pass per adapted layer.",
+            "",
+            "| model | base | per_sample | beyond the base, per layer |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['case']} | {r['serving']['base']} | {r['serving']['per_sample']} | +{r['serving']['per_layer']:.1f} |" for r in served
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -142,7 +180,10 @@ def main() -> None:
     for case in cases(True):
         if case.name in args.models.split(","):
             print(f"== {case.name}", flush=True)
-            results.append(run_case(case, args.rank))
+            result = run_case(case, args.rank)
+            if case.name in SERVING_MODELS:
+                result["serving"] = serving_ops(case, args.rank)
+            results.append(result)
     meta = {"torch": torch.__version__, "python": sys.version.split()[0], "machine": platform.machine(), "rank": args.rank}
     text = markdown(results)
     write_results(args.out, "op_count", meta, results, text)

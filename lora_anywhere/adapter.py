@@ -174,8 +174,9 @@ class Term:
     scale: float
     adapter: LayerAdapter
     selected: bool = False  # whether the rule's forward applied the sample selection
-    # Several adapters of a per-sample batch stacked into one term (`stacked`): 1 where
-    # a sample's adapter owns a rank column of A's output, else 0 (samples × ranks).
+    # Several adapters of a per-sample batch stacked into one term (`stacked`): the
+    # adapter's scale where a sample's adapter owns a rank column of A's output, else 0
+    # (samples × ranks); B is then unscaled.
     rank_mask: torch.Tensor | None = None
 
     @property
@@ -208,10 +209,25 @@ class Term:
         """One term for the adapters of a per-sample batch: their A's stacked, their
         B's (scale folded in) side by side, and a mask that keeps, for each sample,
         its adapter's rank columns — one low-rank projection instead of one per adapter."""
-        masks = [t.adapter.sample_mask[:, None].expand(-1, t.a.shape[0]) for t in terms]
         a = torch.cat([t.a for t in terms])
-        b = torch.cat([t.b * t.scale for t in terms], dim=1)
+        b = torch.cat([t.b for t in terms], dim=1)
+        scales = {t.scale for t in terms}
+        if len(scales) == 1:  # the usual case: one multiply of the small mask, not of each B
+            mask = torch.cat([t.adapter.sample_mask[:, None].expand(-1, t.a.shape[0]) for t in terms], dim=1)
+            scale = scales.pop()
+            return cls(a, b, 1.0, terms[0].adapter, rank_mask=mask if scale == 1.0 else mask * scale)
+        masks = [t.adapter.sample_mask[:, None].expand(-1, t.a.shape[0]) * t.scale for t in terms]
         return cls(a, b, 1.0, terms[0].adapter, rank_mask=torch.cat(masks, dim=1))
+
+
+def _tile(blocks: list[ResolvedTarget], rows: int) -> bool:
+    """Whether the row blocks, in their order, cover rows 0 … `rows` without gaps."""
+    row = 0
+    for t in blocks:
+        if t.rows is None or t.rows[0] != row:
+            return False
+        row = t.rows[1]
+    return row == rows
 
 
 @dataclass(frozen=True)
@@ -349,14 +365,17 @@ class LayerAdapter(nn.Module):
         if len(blocks) == 1 and blocks[0].rows is None:
             f = self._modules["factors"]._modules[blocks[0].name]
             return Term(*f.pair(), f.scale, self)
-        a_parts, b_parts = [], []
-        for t in blocks:
-            f = self.factors[t.name]
-            a, b = f.pair()
-            start, stop = t.rows
-            a_parts.append(a)
-            b_parts.append(F.pad(b * f.scale, (0, 0, start, rows - stop)))
-        return Term(torch.cat(a_parts), torch.cat(b_parts, dim=1), 1.0, self)
+        factors = [self.factors[t.name] for t in blocks]
+        pairs = [f.pair() for f in factors]
+        a = torch.cat([a for a, _ in pairs])
+        scales = {f.scale for f in factors}
+        if len(scales) == 1 and _tile(blocks, rows):
+            # q, k and v in order over all rows (the usual packed projection): B is
+            # their block diagonal, and the one scale stays a scalar — one op, not a
+            # scaled, padded copy per block.
+            return Term(a, torch.block_diag(*(b for _, b in pairs)), scales.pop(), self)
+        b_parts = [F.pad(b * f.scale, (0, 0, t.rows[0], rows - t.rows[1])) for t, f, (_, b) in zip(blocks, factors, pairs)]
+        return Term(a, torch.cat(b_parts, dim=1), 1.0, self)
 
     @property
     def live(self) -> bool:

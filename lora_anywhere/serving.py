@@ -44,6 +44,7 @@ def per_sample(model: nn.Module, names: Sequence[str | None], *, dim: int = 0) -
     index = {n: i for i, n in enumerate(dict.fromkeys(n for n in names if n is not None))}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     ids = torch.tensor([index.get(n, -1) if n is not None else -1 for n in names], device=device)
+    masks: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # one per adapter and dtype, shared by its layers
     saved: list[tuple[nn.Module, LayerAdapter, bool, dict]] = []
     try:
         for layer, forced in layers:
@@ -52,7 +53,10 @@ def per_sample(model: nn.Module, names: Sequence[str | None], *, dim: int = 0) -
                 adapter.active = aname in index
                 if adapter.active:
                     adapter.activation_owners = forced
-                    adapter.sample_mask = (ids == index[aname]).to(adapter.factors[next(iter(adapter.factors))].A.dtype)
+                    key = (aname, adapter.factors[next(iter(adapter.factors))].A.dtype)
+                    if key not in masks:
+                        masks[key] = (ids == index[aname]).to(key[1])
+                    adapter.sample_mask = masks[key]
                     adapter.sample_dim = dim
             attach.refresh(layer)
         yield model

@@ -207,8 +207,9 @@ class Term:
     @classmethod
     def stacked(cls, terms: list[Term]) -> Term:
         """One term for the adapters of a per-sample batch: their A's stacked, their
-        B's (scale folded in) side by side, and a mask that keeps, for each sample,
-        its adapter's rank columns — one low-rank projection instead of one per adapter."""
+        B's side by side, and a mask that keeps, for each sample, its adapter's rank
+        columns scaled by that adapter's scale — one low-rank projection instead of
+        one per adapter."""
         a = torch.cat([t.a for t in terms])
         b = torch.cat([t.b for t in terms], dim=1)
         scales = {t.scale for t in terms}

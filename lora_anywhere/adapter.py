@@ -212,13 +212,37 @@ class Term:
         one per adapter."""
         a = torch.cat([t.a for t in terms])
         b = torch.cat([t.b for t in terms], dim=1)
+        masks = [t.adapter.sample_mask[:, None].expand(-1, t.a.shape[0]) for t in terms]
         scales = {t.scale for t in terms}
         if len(scales) == 1:  # the usual case: one multiply of the small mask, not of each B
-            mask = torch.cat([t.adapter.sample_mask[:, None].expand(-1, t.a.shape[0]) for t in terms], dim=1)
             scale = scales.pop()
-            return cls(a, b, 1.0, terms[0].adapter, rank_mask=mask if scale == 1.0 else mask * scale)
-        masks = [t.adapter.sample_mask[:, None].expand(-1, t.a.shape[0]) * t.scale for t in terms]
-        return cls(a, b, 1.0, terms[0].adapter, rank_mask=torch.cat(masks, dim=1))
+            mask = torch.cat(masks, dim=1)
+            rank_mask = mask if scale == 1.0 else mask * scale
+        else:
+            rank_mask = torch.cat([m * t.scale for m, t in zip(masks, terms)], dim=1)
+        return cls(a, b, 1.0, terms[0].adapter, rank_mask=rank_mask)
+
+
+def _row_pieces(
+    blocks: Iterable[ResolvedTarget],
+    rows: int,
+    block: Callable[[ResolvedTarget], torch.Tensor | None],
+    gap: Callable[[int, int], torch.Tensor],
+) -> list[torch.Tensor] | None:
+    """A tensor of `rows` rows in pieces, top to bottom: ``block(t)`` for each row block,
+    ``gap(start, stop)`` for the rows between and after them. None where blocks overlap
+    or a block gives None."""
+    pieces, row = [], 0
+    for t in sorted(blocks, key=lambda t: t.rows[0]):
+        start, stop = t.rows
+        piece = block(t) if start >= row else None
+        if piece is None:
+            return None
+        pieces += [gap(row, start), piece] if start > row else [piece]
+        row = stop
+    if row < rows:
+        pieces.append(gap(row, rows))
+    return pieces
 
 
 def _tile(blocks: list[ResolvedTarget], rows: int) -> bool:
@@ -431,16 +455,21 @@ class LayerAdapter(nn.Module):
             return w
         whole = len(blocks) == 1 and blocks[0].rows is None
         if whole or all(t.rows is not None for t in blocks):
+            fast_sum = self._whole_plus_low_rank if whole else self._rows_plus_low_rank
             if autocast_dtype(w.device.type) is None:
-                fast = self._plus_low_rank(blocks[0], w) if whole else self._rows_plus_low_rank(blocks, w)
+                fast = fast_sum(blocks, w)
             else:  # W + ΔW keeps W's dtype: the layer casts it as it would W
                 with torch.autocast(w.device.type, enabled=False):
-                    fast = self._plus_low_rank(blocks[0], w) if whole else self._rows_plus_low_rank(blocks, w)
+                    fast = fast_sum(blocks, w)
             if fast is not None:
                 return fast
             if whole and self.dora:
                 return self._dora_weight(blocks[0], w)[0]
         return w + self._blocks_delta(list(blocks), w)
+
+    def _whole_plus_low_rank(self, blocks: list[ResolvedTarget], w: torch.Tensor) -> torch.Tensor | None:
+        """W + ΔW for the one target on the whole of W (`_rows_plus_low_rank`'s twin)."""
+        return self._plus_low_rank(blocks[0], w)
 
     def _plus_low_rank(self, t: ResolvedTarget, block: torch.Tensor) -> torch.Tensor | None:
         """block + ΔW as one addmm (`plus_low_rank`), or None where it does not apply."""
@@ -451,19 +480,8 @@ class LayerAdapter(nn.Module):
         """W + ΔW for row blocks (q, k, v of a packed projection): one addmm per block and
         W's own rows between them, joined — the ops `merge_block` runs on each block in
         place, and fewer per call than forming the blocks' ΔW, padding and adding it."""
-        pieces, row = [], 0
-        for t in sorted(blocks, key=lambda t: t.rows[0]):
-            start, stop = t.rows
-            if start < row:
-                return None
-            piece = self._plus_low_rank(t, w[start:stop])
-            if piece is None:
-                return None
-            pieces += [w[row:start], piece] if start > row else [piece]
-            row = stop
-        if row < w.shape[0]:
-            pieces.append(w[row:])
-        return torch.cat(pieces)
+        pieces = _row_pieces(blocks, w.shape[0], lambda t: self._plus_low_rank(t, w[t.rows[0] : t.rows[1]]), lambda i, j: w[i:j])
+        return None if pieces is None else torch.cat(pieces)
 
     def inputs_of(self, owner: str, tensor: str) -> list[torch.Tensor]:
         """Every tensor `add_to` reads to update this tensor (none if it leaves it alone)."""
@@ -496,17 +514,12 @@ class LayerAdapter(nn.Module):
         if len(blocks) == 1 and blocks[0].rows is None:
             return self.block_delta(blocks[0], like)
         # Row blocks (q, k, v of a packed projection): zeros where nothing is adapted.
-        blocks.sort(key=lambda t: t.rows[0])
-        pieces, row = [], 0
         tail = like.shape[1:]
-        for t in blocks:
-            start, stop = t.rows
-            if start > row:
-                pieces.append(like.new_zeros((start - row, *tail)))
-            pieces.append(self.block_delta(t, like[start:stop]))
-            row = stop
-        if row < like.shape[0]:
-            pieces.append(like.new_zeros((like.shape[0] - row, *tail)))
+        pieces = _row_pieces(
+            blocks, like.shape[0], lambda t: self.block_delta(t, like[t.rows[0] : t.rows[1]]), lambda i, j: like.new_zeros((j - i, *tail))
+        )
+        if pieces is None:
+            raise LoraError(f"targets {', '.join(t.name for t in blocks)} overlap in the rows of one tensor")
         return torch.cat(pieces, dim=0)
 
     def set_trainable(self, on: bool, *, freeze_a: bool = False) -> None:
@@ -568,10 +581,9 @@ class LayerAdapter(nn.Module):
 
     def _merged(self, t: ResolvedTarget, block: torch.Tensor) -> torch.Tensor:
         """What `_add` makes of `block`, as a new tensor (the same ops, to the bit)."""
-        fast = self._addmm_factors(t, block)
+        fast = self._plus_low_rank(t, block)
         if fast is not None:
-            a, b, scale = fast
-            return plus_low_rank(block, b, a, scale)
+            return fast
         if not self.dora:
             return block + self.factors[t.name].delta().view(block.shape).to(block.dtype)
         return self._dora_weight(t, block)[0]

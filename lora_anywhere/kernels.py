@@ -140,8 +140,7 @@ def _run(function: Any, plain: Any, args: tuple) -> torch.Tensor:
 def linear_lora(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    rows = x.numel() // max(x.shape[-1], 1)
-    fold = folds_delta(x, "matmul", rows, *weight.shape)
+    fold = folds_delta(x, "matmul", linear_rows(x), *weight.shape)
     return _apply(FusedLinearLoRA, _linear_output, x, weight, bias, a, b, rest=(scale, fold))
 
 
@@ -314,6 +313,11 @@ def per_sample_mm(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     all of t transposed and then its result back: on a 1×1 conv's input that copy
     cost more than the product itself (bench/layer_paths.py)."""
     return torch.bmm(m.expand(t.shape[0], *m.shape), t)
+
+
+def linear_rows(x: torch.Tensor) -> int:
+    """The rows a Linear-like call computes for `x` (every dimension but the features)."""
+    return x.numel() // max(x.shape[-1], 1)
 
 
 def conv_positions(layer: Any, x: torch.Tensor) -> int:

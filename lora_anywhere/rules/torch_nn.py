@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from .. import weight_cache
 from ..hookspecs import hookimpl
-from ..kernels import conv_lora, conv_positions, linear_lora, many_rows, one_position
+from ..kernels import conv_lora, conv_positions, linear_lora, linear_rows, many_rows, one_position
 from ..rule import Rule, Target
 
 #: The one target of a layer that adapts its whole `weight`.
@@ -38,10 +38,10 @@ class LinearRule(Rule):
         return wide_matrix(out_features, in_features, LINEAR_WIDTH)
 
     def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
-        return many_rows(x.numel() // max(x.shape[-1], 1), *weight.shape) or weight_cache.worth_keeping(weight)
+        return many_rows(linear_rows(x), *weight.shape) or weight_cache.worth_keeping(weight)
 
     def weight_cheaper_with_grad(self, layer, weight, rank, x):  # type: ignore[override]
-        return small_training_call(x, x.numel() // max(x.shape[-1], 1), *weight.shape, rank, conv=False)
+        return small_training_call(x, linear_rows(x), *weight.shape, rank, conv=False)
 
     def stacks_samples(self, layer: nn.Module) -> bool:
         return True

@@ -27,7 +27,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lora_anywhere import LoraError, Rule, Target, hookimpl
-from lora_anywhere.rules.torch_nn import many_rows
+from lora_anywhere.rules.torch_nn import linear_rows, many_rows
 
 #: The one target of a layer that adapts its whole `weight`.
 WEIGHT_TARGET = (Target("weight", "weight"),)
@@ -50,7 +50,7 @@ class Conv1DRule(Rule):
         return WEIGHT_TARGET
 
     def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
-        return many_rows(x.numel() // max(x.shape[-1], 1), *weight.shape)
+        return many_rows(linear_rows(x), *weight.shape)
 
     def output_dim(self, layer: nn.Module, target: Target) -> int:
         return 1  # stored in × out

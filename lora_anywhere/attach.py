@@ -26,6 +26,7 @@ from torch import nn
 from . import weight_cache
 from .adapter import LayerAdapter, Term
 from .errors import LoraError
+from .rule import Rule
 from .sharding import is_sharded, keep_sharded_class, may_be_sharded
 
 ADAPTERS = "lora_adapters"
@@ -131,6 +132,43 @@ def _adapted_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return out
 
 
+def _layer_route_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    # A training call the layer's rule can run cheaper than on W + ΔW (`Rule.layer_forward`).
+    if torch.is_grad_enabled():
+        parts = _low_rank_parts(self)
+        if parts is not None:
+            out = self.__dict__[_RULE].layer_forward(self, parts, *args, **kwargs)
+            if out is not NotImplemented:
+                return out
+    return _weight_route_forward(self, *args, **kwargs)
+
+
+def _has_layer_forward(rule: Rule) -> bool:
+    return type(rule).layer_forward is not Rule.layer_forward
+
+
+def _low_rank_parts(layer: nn.Module) -> dict[str, tuple[torch.Tensor, list[Term]]] | None:
+    """Each adapted module's base weight and the live adapters' terms on it, for
+    `Rule.layer_forward`; None where a term would not give W + ΔW's numbers on the
+    activations: DoRA, dropout (which the weight route does not apply), a per-sample
+    batch, the activation route, an adapted tensor other than a weight, a shard."""
+    live = [a for a in layer._modules[ADAPTERS].values() if a.live]
+    if not live or any(a.dora or a.dropout_active or a.activation_owners for a in live):
+        return None
+    parts: dict[str, tuple[torch.Tensor, list[Term]]] = {}
+    for adapter in live:
+        for owner_name in dict.fromkeys(t.owner for t in adapter.targets.values()):
+            if any(t.owner == owner_name and t.tensor != "weight" for t in adapter.targets.values()):
+                return None
+            if owner_name not in parts:
+                weight = layer.get_submodule(owner_name)._parameters["weight"]
+                if may_be_sharded() and is_sharded(weight):
+                    return None
+                parts[owner_name] = (weight, [])
+            parts[owner_name][1].append(adapter.activation_term(owner_name, parts[owner_name][0].shape[0]))
+    return parts
+
+
 def _weight_route_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     # A forward may read its weight many times (HeteroLinear reads weight[t] once per
     # type): form W + ΔW once per call. A compiled graph dedupes the reads itself.
@@ -188,11 +226,20 @@ def _apply(self: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
     return type(self).__lora_base__._apply(self, fn, recurse)
 
 
-def _rebuild(base: type, tensors: tuple[str, ...], forward: bool) -> nn.Module:
+def _rebuild(base: type, tensors: tuple[str, ...], forward: str | bool) -> nn.Module:
+    if isinstance(forward, bool):  # pickled by a version with two kinds of forward
+        forward = FORWARD_ACTIVATION if forward else FORWARD_WEIGHT
     return object.__new__(adapted_class(base, tensors, forward))
 
 
-def adapted_class(base: type, tensors: tuple[str, ...], forward: bool) -> type:
+#: What an adapted module's forward does: run its own forward on W + ΔW (the weight
+#: route), add the terms on the activations (its rule's `forward`), or first try its
+#: rule's `layer_forward` (a layer whose rule has one).
+FORWARD_WEIGHT, FORWARD_ACTIVATION, FORWARD_LAYER = "weight", "activation", "layer"
+_FORWARDS = {FORWARD_WEIGHT: _weight_route_forward, FORWARD_ACTIVATION: _adapted_forward, FORWARD_LAYER: _layer_route_forward}
+
+
+def adapted_class(base: type, tensors: tuple[str, ...], forward: str) -> type:
     key = (base, tensors, forward)
     cls = _CLASSES.get(key)
     if cls is None:
@@ -208,7 +255,7 @@ def adapted_class(base: type, tensors: tuple[str, ...], forward: bool) -> type:
             _load_from_state_dict=_load_from_state_dict,
             _apply=_apply,
         )
-        namespace["forward"] = _adapted_forward if forward else _weight_route_forward
+        namespace["forward"] = _FORWARDS[forward]
         cls = type(base.__name__, (base,), namespace)
         _CLASSES[key] = cls
     return cls
@@ -265,12 +312,18 @@ def refresh(layer: nn.Module) -> None:
         # `weight` (a parent calling F.linear on it) still see W + ΔW via the property.
         forward = any(owner_name in a.activation_owners for a in live)
         names = tuple(sorted(tensors | ({"weight"} if forward else set())))
-        if names:
-            owner.__class__ = keep_sharded_class(owner, adapted_class(base, names, forward))
+        if forward:
+            kind, rule = FORWARD_ACTIVATION, next(a.activation_rule(owner_name) for a in live if owner_name in a.activation_owners)
+        elif owner_name == "" and live and _has_layer_forward(live[0].rule):
+            kind, rule = FORWARD_LAYER, live[0].rule
+        else:
+            kind, rule = FORWARD_WEIGHT, None
+        if names or kind == FORWARD_LAYER:
+            owner.__class__ = keep_sharded_class(owner, adapted_class(base, names, kind))
             owner.__dict__[_LAYER] = layer
             owner.__dict__[_OWNER_NAME] = owner_name
-            if forward:
-                owner.__dict__[_RULE] = next(a.activation_rule(owner_name) for a in live if owner_name in a.activation_owners)
+            if rule is not None:
+                owner.__dict__[_RULE] = rule
             else:
                 owner.__dict__.pop(_RULE, None)
         else:
@@ -281,7 +334,7 @@ def refresh(layer: nn.Module) -> None:
     for module, owner_name, tensor in layer.__dict__.get(_TIED, ()):
         weight_cache.drop(module)
         if (owner_name, tensor) in live_tensors:
-            module.__class__ = keep_sharded_class(module, adapted_class(base_class(module), (tensor,), False))
+            module.__class__ = keep_sharded_class(module, adapted_class(base_class(module), (tensor,), FORWARD_WEIGHT))
             module.__dict__[_LAYER] = layer
             module.__dict__[_OWNER_NAME] = owner_name
         else:

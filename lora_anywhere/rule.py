@@ -85,6 +85,19 @@ class Rule:
         """
         raise NotImplementedError
 
+    def layer_forward(self, layer: nn.Module, parts: Mapping[str, tuple[torch.Tensor, Sequence[Any]]], *args: Any, **kwargs: Any) -> Any:
+        """A training call of a layer whose adapters all take the weight route, with them
+        applied some cheaper way the layer's structure allows — or NotImplemented (the
+        default) to run the layer's own forward on W + ΔW. Must give the same numbers.
+
+        `parts` maps each adapted module below the layer (its path; "" is the layer) to
+        its base weight and the live adapters' terms on it, as `forward` gets them. The
+        core offers it only where every term can be applied on activations: plain LoRA,
+        no dropout, no per-sample batch, no shard. (GCNConv aggregates A's r channels
+        instead of its output's: on input features, which need no gradient, its
+        backward then never runs the aggregation over the output's channels.)"""
+        return NotImplemented
+
     def stacks_samples(self, layer: nn.Module) -> bool:
         """Whether `forward` takes the adapters of a per-sample batch as one stacked
         term, applying ``term.mask_ranks`` to A's output before B (faster than one
@@ -97,6 +110,12 @@ class Rule:
 
     def __repr__(self) -> str:
         return f"<rule {self.name}>"
+
+
+def own_class(layer: nn.Module) -> type:
+    """The layer's own class: an adapted layer runs as a subclass of it that the core
+    makes (`attach.adapted_class`), whose forward is the core's."""
+    return getattr(type(layer), "__lora_base__", type(layer))
 
 
 def _forward_of(cls: type) -> Any:

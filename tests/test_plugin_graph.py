@@ -4,6 +4,7 @@ model source, and the plugin being inactive without torch_geometric."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 import sys
 from typing import Any, Callable
@@ -14,6 +15,7 @@ from torch import nn
 
 import lora_anywhere as la
 from lora_anywhere.models import build_model
+from lora_anywhere.rule import own_class
 from lora_anywhere.testing import check_exact, randomize_adapters
 
 pyg = pytest.importorskip("torch_geometric")
@@ -406,3 +408,147 @@ def test_unmerged_adapted_conv_trains_only_adapters() -> None:
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads and all("lora_adapters" in n for n in grads)
     assert {n.rsplit(".", 2)[-2] for n in grads} >= {"weight", "comp", "root"}
+
+
+class OneConv(nn.Module):
+    """A GCNConv inside a model, with its optional edge weights."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, edge_weight: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv(x, edge_index, edge_weight)
+
+
+def _propagations(model: nn.Module, monkeypatch, *inputs: Any) -> tuple[torch.Tensor, list[tuple[int, bool]]]:
+    """The model's output and, for each GCNConv propagation it ran, the channels it
+    aggregated and whether they need a gradient."""
+    seen: list[tuple[int, bool]] = []
+    cls = own_class(next(m for m in model.modules() if isinstance(m, GCNConv)))  # PyG makes a subclass its own propagate
+    propagate = cls.propagate
+
+    def spy(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append((kwargs["x"].shape[-1], kwargs["x"].requires_grad))
+        return propagate(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(cls, "propagate", spy)
+        return model(*inputs), seen
+
+
+def _on_the_weight_route(monkeypatch) -> None:
+    from lora_anywhere_graph import GCNConvRule
+
+    monkeypatch.setattr(GCNConvRule, "layer_forward", lambda *args, **kwargs: NotImplemented)
+
+
+def _same_training_step(model: nn.Module, monkeypatch, *inputs: Any) -> list[tuple[int, bool]]:
+    """Run a step of `model` and of its copy on W + ΔW: equal outputs and gradients.
+    Returns the propagations of `model`'s step."""
+    twin = copy.deepcopy(model)
+    out, seen = _propagations(model, monkeypatch, *inputs)
+    out.square().sum().backward()
+    with monkeypatch.context() as m:
+        _on_the_weight_route(m)
+        expected = twin(*inputs)
+        expected.square().sum().backward()
+    torch.testing.assert_close(out, expected)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == {n for n, p in twin.named_parameters() if p.grad is not None} and grads
+    for name, p in twin.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-5, msg=lambda text, name=name: f"{name}: {text}")
+    return seen
+
+
+GCN_VARIANTS = {
+    "default": {},
+    "cached": {"cached": True},
+    "improved, no self-loops": {"improved": True, "add_self_loops": False},
+    "not normalized": {"normalize": False},
+    "mean": {"aggr": "mean"},
+}
+
+
+@pytest.mark.parametrize("options", GCN_VARIANTS.values(), ids=GCN_VARIANTS.keys())
+def test_gcn_conv_on_input_features_aggregates_only_the_adapter_rank(options: dict[str, Any], monkeypatch) -> None:
+    # Â·x(W + s·BA)ᵀ = Â·xWᵀ + s·(Â·xAᵀ)Bᵀ: on features that need no gradient, the
+    # output's channels are aggregated without one, and only A's r channels with one.
+    model = la.apply(OneConv(GCNConv(FEATURES, 32, **options)), rank=4, alpha=12.0)
+    randomize_adapters(model)
+    inputs = (G["x"], G["edge_index"], G["edge_attr"][:, 0].abs())
+    for _ in range(2):  # a cached conv normalises once
+        model.zero_grad()
+        assert _same_training_step(model, monkeypatch, *inputs) == [(32, False), (4, True)]
+
+
+def test_gcn_first_conv_aggregates_the_rank_and_later_convs_run_on_w_plus_delta(monkeypatch) -> None:
+    model = la.apply(build_model("pyg:GCN", num_layers=3, hidden_channels=32), rank=4, alpha=12.0)
+    randomize_adapters(model)
+    seen = _same_training_step(model, monkeypatch, G["x"], G["edge_index"])
+    # conv 0 aggregates 32 channels without a gradient and 4 with; the next convs' inputs
+    # need gradients, so they aggregate their outputs (32, then 4 classes) with them.
+    assert seen == [(32, False), (4, True), (32, True), (4, True)]
+
+
+@pytest.mark.parametrize("options", [{"name": "second"}, {"init": "svd"}], ids=["two adapters", "svd init"])
+def test_gcn_conv_low_rank_aggregation_with_adapter_options(options: dict[str, Any], monkeypatch) -> None:
+    model = la.apply(OneConv(GCNConv(FEATURES, 32)), rank=4, alpha=12.0)
+    if options.get("name"):
+        la.apply(model, rank=2, alpha=6.0, **options)
+    else:
+        model = la.apply(OneConv(GCNConv(FEATURES, 32)), rank=4, alpha=12.0, **options)
+    randomize_adapters(model)
+    # Two adapters aggregate their ranks together; PiSSA's frozen start (−B₀A₀) doubles A's rows.
+    rank = {"name": 6, "init": 8}.get(next(iter(options)), 4)
+    assert _same_training_step(model, monkeypatch, G["x"], G["edge_index"]) == [(32, False), (rank, True)]
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_gcn_conv_on_a_sparse_adjacency(monkeypatch) -> None:
+    from torch_geometric.utils import to_torch_csr_tensor
+
+    model = la.apply(OneConv(GCNConv(FEATURES, 32)), rank=4, alpha=12.0)
+    randomize_adapters(model)
+    adjacency = to_torch_csr_tensor(G["edge_index"].flip(0), size=(NODES, NODES))
+    assert _same_training_step(model, monkeypatch, G["x"], adjacency) == [(32, False), (4, True)]
+
+
+def _hooked(conv: GCNConv) -> GCNConv:
+    conv.register_propagate_forward_hook(lambda module, inputs, out: out)
+    return conv
+
+
+class _OwnMessages(GCNConv):
+    def message(self, x_j: torch.Tensor, edge_weight: torch.Tensor | None) -> torch.Tensor:
+        return torch.relu(super().message(x_j, edge_weight))
+
+
+FALLBACKS: dict[str, Callable[[], tuple[nn.Module, tuple]]] = {
+    "max aggregation": lambda: (la.apply(OneConv(GCNConv(FEATURES, 32, aggr="max")), rank=4, alpha=12.0), (G["x"], G["edge_index"])),
+    "propagate hook": lambda: (la.apply(OneConv(_hooked(GCNConv(FEATURES, 32))), rank=4, alpha=12.0), (G["x"], G["edge_index"])),
+    "own messages": lambda: (la.apply(OneConv(_OwnMessages(FEATURES, 32)), rank=4, alpha=12.0), (G["x"], G["edge_index"])),
+    "input needs a gradient": lambda: (
+        la.apply(OneConv(GCNConv(FEATURES, 32)), rank=4, alpha=12.0),
+        (G["x"].clone().requires_grad_(), G["edge_index"]),
+    ),
+    "dropout": lambda: (la.apply(OneConv(GCNConv(FEATURES, 32)), rank=4, alpha=12.0, dropout=0.5), (G["x"], G["edge_index"])),
+    "DoRA": lambda: (la.apply(OneConv(GCNConv(FEATURES, 32)), rank=4, alpha=12.0, dora=True), (G["x"], G["edge_index"])),
+    "activation route": lambda: (
+        la.apply(OneConv(GCNConv(FEATURES, 32)), rank=4, alpha=12.0, route="activation"),
+        (G["x"], G["edge_index"]),
+    ),
+    "LoRA-FA (activation route)": lambda: (
+        la.apply(OneConv(GCNConv(FEATURES, 32)), rank=4, alpha=12.0, freeze_a=True),
+        (G["x"], G["edge_index"]),
+    ),
+}
+
+
+@pytest.mark.parametrize("make", FALLBACKS.values(), ids=FALLBACKS.keys())
+def test_gcn_conv_runs_on_w_plus_delta_where_aggregating_the_rank_would_not_be_exact_or_cheaper(make, monkeypatch) -> None:
+    model, inputs = make()
+    randomize_adapters(model)
+    seen = _same_training_step(model, monkeypatch, *inputs)
+    assert seen == [(32, True)]  # one aggregation, of the output's channels, with a gradient

@@ -15,15 +15,15 @@ import torch
 import torch_geometric  # noqa: F401  # first: inactive when torch_geometric is missing
 from torch import nn
 from torch_geometric.nn import models
-from torch_geometric.nn.conv import AntiSymmetricConv, MessagePassing
+from torch_geometric.nn.conv import AntiSymmetricConv, GCNConv, MessagePassing
 from torch_geometric.nn.dense import DenseGATConv, DenseGCNConv, DenseGINConv, DenseGraphConv, DenseSAGEConv
 from torch_geometric.nn.dense.linear import HeteroDictLinear, HeteroLinear, Linear
 
 from lora_anywhere import LoraError, hookimpl
 
-from .rules import GraphLayerRule, HeteroLinearRule, PygLinearRule
+from .rules import GCNConvRule, GraphLayerRule, HeteroLinearRule, PygLinearRule
 
-__all__ = ["GraphLayerRule", "HeteroLinearRule", "PygLinearRule", "build_model"]
+__all__ = ["GCNConvRule", "GraphLayerRule", "HeteroLinearRule", "PygLinearRule", "build_model"]
 
 
 @hookimpl
@@ -31,6 +31,7 @@ def lora_anywhere_register_rules(register: Callable[[type, Any], None]) -> None:
     register(Linear, PygLinearRule())
     register(HeteroLinear, HeteroLinearRule())
     register(MessagePassing, GraphLayerRule("torch_geometric.nn.MessagePassing"))
+    register(GCNConv, GCNConvRule())
     # Not MessagePassing subclasses, but graph layers with weights of their own
     # (DenseGATConv's attention vectors, AntiSymmetricConv's W) or ones a user
     # selects by class name all the same.

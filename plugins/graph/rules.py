@@ -9,16 +9,20 @@ selecting a conv by class name ("GATConv") adapts everything in it.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 from torch.nn.utils.weight_norm import WeightNorm
-from torch_geometric.nn.conv import MessagePassing
+from torch_geometric.nn.conv import GCNConv, MessagePassing
+from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.nn.dense.linear import Linear
 
 from lora_anywhere import LinearRule, Rule, Target
+from lora_anywhere.rule import own_class
 
 #: Modules a conv rule leaves to their own rules: nested convs (their rule claims
 #: what is inside them), and layers whose core rule sees their weights differently
@@ -85,6 +89,74 @@ class GraphLayerRule(Rule):
     def targets(self, layer: nn.Module) -> Sequence[Target]:
         found = [(path, tensor) for path, module in _owners(layer) for tensor in _matrices(module)]
         return _named(found)
+
+
+class GCNConvRule(GraphLayerRule):
+    """GCNConv, ``out = Â·lin(x) + bias`` with Â the normalised adjacency: an
+    aggregation linear in lin's output, so ``Â·x(W + s·BA)ᵀ = Â·xWᵀ + s·(Â·xAᵀ)Bᵀ``.
+
+    On input features, which need no gradient (a GCN's first conv), the conv runs that
+    way: the frozen product and its aggregation over the output's channels then need no
+    backward at all, and the adapter's gradient runs through an aggregation of A's r
+    channels. Full fine-tuning pays that backward, and so did LoRA on W + ΔW; the BitFit
+    floor does not. Everywhere else (an input that needs a gradient, another
+    aggregation, hooks on the conv's message passing, a subclass with a forward or
+    messages of its own) the conv runs on W + ΔW like every other graph conv. Its targets
+    and saved name are `GraphLayerRule`'s: adapters saved before load unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__("torch_geometric.nn.MessagePassing")
+
+    def layer_forward(  # type: ignore[override]
+        self, layer: nn.Module, parts: Mapping[str, tuple[Tensor, Sequence[Any]]], x: Any, edge_index: Any, edge_weight: Any = None
+    ) -> Any:
+        if set(parts) != {"lin"} or not isinstance(x, Tensor) or x.requires_grad or not isinstance(edge_index, Tensor):
+            return NotImplemented
+        if not _aggregates_linearly(layer):
+            return NotImplemented
+        weight, terms = parts["lin"]
+        edge_index, edge_weight = _normalized(layer, x, edge_index, edge_weight)
+        out = layer.propagate(edge_index, x=F.linear(x, weight, layer.lin.bias), edge_weight=edge_weight)
+        if len(terms) == 1:
+            a, b = terms[0].a, terms[0].b * terms[0].scale
+        else:
+            a, b = torch.cat([t.a for t in terms]), torch.cat([t.b * t.scale for t in terms], dim=1)
+        out = out + layer.propagate(edge_index, x=F.linear(x, a), edge_weight=edge_weight) @ b.t()
+        return out if layer.bias is None else out + layer.bias
+
+
+#: MessagePassing's hooks on the steps of a propagation: GCNConvRule's forward
+#: propagates twice, so a conv with any of them runs on W + ΔW instead.
+_PROPAGATION_HOOKS = tuple(
+    f"_{step}_forward{kind}_hooks" for step in ("propagate", "message", "aggregate", "message_and_aggregate") for kind in ("", "_pre")
+)
+_LINEAR_STEPS = ("forward", "propagate", "message", "aggregate", "message_and_aggregate", "update")
+
+
+def _aggregates_linearly(conv: nn.Module) -> bool:
+    """Whether this GCNConv's propagation is GCNConv's own weighted sum or mean of
+    messages, with nothing hooked into it."""
+    cls = own_class(conv)
+    if any(getattr(cls, name) is not getattr(GCNConv, name) for name in _LINEAR_STEPS):
+        return False
+    if any(getattr(conv, name, None) for name in _PROPAGATION_HOOKS) or getattr(conv, "explain", False):
+        return False
+    return isinstance(conv.aggr, str) and conv.aggr in ("add", "sum", "mean")
+
+
+def _normalized(conv: nn.Module, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The edges and weights GCNConv's forward propagates over: normalised (Â) unless
+    the conv says not to, and cached where it caches them, as its forward does."""
+    if not conv.normalize:
+        return edge_index, edge_weight
+    if conv._cached_edge_index is not None:
+        return conv._cached_edge_index
+    edge_index, edge_weight = gcn_norm(
+        edge_index, edge_weight, x.size(conv.node_dim), conv.improved, conv.add_self_loops, conv.flow, x.dtype
+    )
+    if conv.cached:
+        conv._cached_edge_index = (edge_index, edge_weight)
+    return edge_index, edge_weight
 
 
 def _owners(layer: nn.Module) -> Iterator[tuple[str, nn.Module]]:

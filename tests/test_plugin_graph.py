@@ -552,3 +552,23 @@ def test_gcn_conv_runs_on_w_plus_delta_where_aggregating_the_rank_would_not_be_e
     randomize_adapters(model)
     seen = _same_training_step(model, monkeypatch, *inputs)
     assert seen == [(32, True)]  # one aggregation, of the output's channels, with a gradient
+
+
+def test_gcn_conv_low_rank_aggregation_under_autocast(monkeypatch) -> None:
+    model = la.apply(build_model("pyg:GCN", hidden_channels=32), rank=4, alpha=12.0)
+    randomize_adapters(model, std=0.2)
+    twin = copy.deepcopy(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, seen = _propagations(model, monkeypatch, G["x"], G["edge_index"])
+        with monkeypatch.context() as m:
+            _on_the_weight_route(m)
+            expected = twin(G["x"], G["edge_index"])
+    assert seen[:2] == [(32, False), (4, True)]
+    assert out.dtype == expected.dtype
+    torch.testing.assert_close(out, expected, rtol=0.05, atol=0.05)
+    out.float().square().sum().backward()
+    expected.float().square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        if q.grad is not None:
+            assert p.grad is not None and p.grad.dtype == p.dtype, name
+            torch.testing.assert_close(p.grad, q.grad, rtol=0.1, atol=0.1 * q.grad.abs().max().item())

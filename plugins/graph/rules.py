@@ -118,10 +118,18 @@ class GCNConvRule(GraphLayerRule):
         edge_index, edge_weight = _normalized(layer, x, edge_index, edge_weight)
         out = layer.propagate(edge_index, x=F.linear(x, weight, layer.lin.bias), edge_weight=edge_weight)
         if len(terms) == 1:
-            a, b = terms[0].a, terms[0].b * terms[0].scale
+            a, b, scale = terms[0].a, terms[0].b, terms[0].scale
         else:
-            a, b = torch.cat([t.a for t in terms]), torch.cat([t.b * t.scale for t in terms], dim=1)
-        out = out + layer.propagate(edge_index, x=F.linear(x, a), edge_weight=edge_weight) @ b.t()
+            a, b, scale = torch.cat([t.a for t in terms]), torch.cat([t.b * t.scale for t in terms], dim=1), 1.0
+        low = layer.propagate(edge_index, x=F.linear(x, a), edge_weight=edge_weight)
+        # s·(Â·xAᵀ)Bᵀ and the sum as one op, in the aggregation's dtype: under autocast
+        # it would cast both aggregations and B, there and back.
+        with torch.autocast(x.device.type, enabled=False):
+            b = b.to(out.dtype)
+            if out.dim() == 2:
+                out = torch.addmm(out, low.to(out.dtype), b.t(), alpha=scale)
+            else:
+                out = out + (low.to(out.dtype) @ b.t()) * scale
         return out if layer.bias is None else out + layer.bias
 
 

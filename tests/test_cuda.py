@@ -100,3 +100,28 @@ def test_cuda_compiled_matches_eager() -> None:
     torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
     for g, e in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_gcn_low_rank_aggregation_matches_cpu(dtype: torch.dtype | None) -> None:
+    """GCNConv's first conv aggregates A's r channels (`GCNConvRule.layer_forward`),
+    on the GPU with the CPU's numbers."""
+    models = pytest.importorskip("torch_geometric.nn.models")
+    torch.manual_seed(0)
+    model = la.apply(models.GCN(16, 32, num_layers=2, out_channels=4), rank=4, alpha=12.0)
+    randomize_adapters(model, seed=1)
+    x, edges = torch.randn(200, 16), torch.randint(0, 200, (2, 1000))
+
+    def run(m: nn.Module, device: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        m.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None and device == "cuda"):
+            out = m(x.to(device), edges.to(device))
+        out.float().pow(2).mean().backward()
+        return out.float().cpu(), [p.grad.float().cpu() for p in m.parameters() if p.requires_grad]
+
+    reference, reference_grads = run(model, "cpu")
+    out, grads = run(model.cuda(), "cuda")
+    tol = dict(rtol=5e-2, atol=5e-2) if dtype is not None else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out, reference, **tol)
+    for g, r in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(g, r, **tol)

@@ -506,6 +506,7 @@ def test_gcn_conv_low_rank_aggregation_with_adapter_options(options: dict[str, A
 
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled")
 def test_gcn_conv_on_a_sparse_adjacency(monkeypatch) -> None:
     from torch_geometric.utils import to_torch_csr_tensor
 

@@ -3,7 +3,7 @@ does not depend on the machine, where a GPU's step time does when its kernels fi
 faster than the host issues them (the GPU run of #16: LoRA 1.3–1.8× full fine-tuning's
 step although its extra arithmetic is a few percent).
 
-    .venv/bin/python bench/op_count.py [--models resnet50,vit_small] [--out DIR]
+    .venv/bin/python bench/op_count.py [--models resnet50,vit_small [--update]] [--out DIR]
 
 Each operation that reaches a kernel counts once (views, which launch none, and the
 optimizer's reads of its CPU step counters are not counted), in the forward, the
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from results_file import write_results
+from results_file import merged_rows, write_results
 from torch import nn
 from train_step import Case, bitfit, cases, peft_lora
 
@@ -174,6 +174,7 @@ def main() -> None:
     parser.add_argument("--models", default="resnet50,mobilenet_v3_large,vit_small,swin_tiny,wav2vec2_base,conformer,gcn,gat")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--update", action="store_true", help="replace only these models' rows in the results of the same settings")
     args = parser.parse_args()
     torch_nn.SMALL_CONV_CALL = 0  # each route as forced, not the CPU's per-call choice
     results = []
@@ -185,6 +186,8 @@ def main() -> None:
                 result["serving"] = serving_ops(case, args.rank)
             results.append(result)
     meta = {"torch": torch.__version__, "python": sys.version.split()[0], "machine": platform.machine(), "rank": args.rank}
+    if args.update:
+        results = merged_rows(args.out, "op_count", meta, results)
     text = markdown(results)
     write_results(args.out, "op_count", meta, results, text)
     print(text)

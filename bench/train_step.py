@@ -4,6 +4,7 @@
     .venv/bin/python bench/train_step.py --quick    # fewer repeats, smaller models
     .venv/bin/python bench/train_step.py --compile  # also floor, full FT and LoRA under torch.compile
     .venv/bin/python bench/train_step.py --device cuda --dtype bf16   # on a GPU, bf16 autocast
+    .venv/bin/python bench/train_step.py --models gcn,gat --update   # rerun some rows of the table
 
 Every contender is a copy of the same model in this one process; their steps are
 interleaved (one step of each, round after round) so that drifting machine load hits
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from results_file import write_results
+from results_file import merged_rows, write_results
 from torch import nn
 from torch.nn import functional as F
 
@@ -506,6 +507,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also the floor, full fine-tuning and LoRA under torch.compile")
     parser.add_argument("--no-inference", action="store_true")
     parser.add_argument("--inference-only", action="store_true", help="only the inference table (bench/results/inference.md)")
+    parser.add_argument("--update", action="store_true", help="replace only these models' rows in the results of the same settings")
     args = parser.parse_args()
     setup = Setup(args.device, args.dtype, args.compile)
     stem = "train_step" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "")
@@ -537,6 +539,8 @@ def main() -> None:
         "compile": args.compile,
         "runs": args.runs,
     }
+    if args.update:
+        results = merged_rows(args.out, stem, meta, results)
     text = (
         f"Train step, median of {repeats} interleaved steps relative to the BitFit floor (compiled ones: to the compiled floor), "
         f"with the range of the medians of {args.runs} groups of steps. {meta}\n\n"

@@ -108,9 +108,9 @@ def test_cuda_gcn_low_rank_aggregation_matches_cpu(dtype: torch.dtype | None) ->
     on the GPU with the CPU's numbers."""
     models = pytest.importorskip("torch_geometric.nn.models")
     torch.manual_seed(0)
-    model = la.apply(models.GCN(16, 32, num_layers=2, out_channels=4), rank=4, alpha=12.0)
+    model = la.apply(models.GCN(64, 64, num_layers=2, out_channels=4), rank=4, alpha=12.0)
     randomize_adapters(model, seed=1)
-    x, edges = torch.randn(200, 16), torch.randint(0, 200, (2, 1000))
+    x, edges = torch.randn(200, 64), torch.randint(0, 200, (2, 1000))  # wide enough to aggregate the rank
 
     def run(m: nn.Module, device: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         m.zero_grad(set_to_none=True)

@@ -99,10 +99,11 @@ class GCNConvRule(GraphLayerRule):
     way: the frozen product and its aggregation over the output's channels then need no
     backward at all, and the adapter's gradient runs through an aggregation of A's r
     channels. Full fine-tuning pays that backward, and so did LoRA on W + ΔW; the BitFit
-    floor does not. Everywhere else (an input that needs a gradient, another
-    aggregation, hooks on the conv's message passing, a subclass with a forward or
-    messages of its own) the conv runs on W + ΔW like every other graph conv. Its targets
-    and saved name are `GraphLayerRule`'s: adapters saved before load unchanged."""
+    floor does not. Everywhere else (an input that needs a gradient, a conv too narrow
+    for it to save work, another aggregation, hooks on the conv's message passing, a
+    subclass with a forward or messages of its own) the conv runs on W + ΔW like every
+    other graph conv. Its targets and saved name are `GraphLayerRule`'s: adapters saved
+    before load unchanged."""
 
     def __init__(self) -> None:
         super().__init__("torch_geometric.nn.MessagePassing")
@@ -115,6 +116,8 @@ class GCNConvRule(GraphLayerRule):
         if not _aggregates_linearly(layer):
             return NotImplemented
         weight, terms = parts["lin"]
+        if not _aggregating_rank_is_cheaper(x, edge_index, weight, sum(t.a.shape[0] for t in terms)):
+            return NotImplemented
         edge_index, edge_weight = _normalized(layer, x, edge_index, edge_weight)
         out = layer.propagate(edge_index, x=F.linear(x, weight, layer.lin.bias), edge_weight=edge_weight)
         if len(terms) == 1:
@@ -150,6 +153,21 @@ def _aggregates_linearly(conv: nn.Module) -> bool:
     if any(getattr(conv, name, None) for name in _PROPAGATION_HOOKS) or getattr(conv, "explain", False):
         return False
     return isinstance(conv.aggr, str) and conv.aggr in ("add", "sum", "mean")
+
+
+def _aggregating_rank_is_cheaper(x: Tensor, edge_index: Tensor, weight: Tensor, rank: int) -> bool:
+    """Whether aggregating A's `rank` channels costs less than W + ΔW's backward: that
+    saves W's gradient (rows·in·out) and the aggregation of the output's channels
+    (edges·out), and costs A's projection and gradient, B's terms (rows·rank·(2·in +
+    3·out)) and the aggregation of the rank's channels, there and back. Counted in
+    multiply-adds, which favours W + ΔW: an aggregation's scatter costs more per
+    element than a matmul. A narrow conv (Cora's 1433 → 16 at rank 8) stays on W + ΔW."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    edges = edge_index.shape[-1] if edge_index.layout == torch.strided else edge_index._nnz()  # a sparse adjacency: its entries
+    out, cols = weight.shape
+    saved = rows * cols * out + edges * out
+    spent = rows * rank * (2 * cols + 3 * out) + 2 * edges * rank
+    return spent < saved
 
 
 def _normalized(conv: nn.Module, x: Tensor, edge_index: Tensor, edge_weight: Tensor | None) -> tuple[Tensor, Tensor | None]:

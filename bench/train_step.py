@@ -507,7 +507,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also the floor, full fine-tuning and LoRA under torch.compile")
     parser.add_argument("--no-inference", action="store_true")
     parser.add_argument("--inference-only", action="store_true", help="only the inference table (bench/results/inference.md)")
-    parser.add_argument("--update", action="store_true", help="replace only these models' rows in the results of the same settings")
+    parser.add_argument(
+        "--update", action="store_true", help="replace only these models' rows in the results of the same settings (and --repeats)"
+    )
     args = parser.parse_args()
     setup = Setup(args.device, args.dtype, args.compile)
     stem = "train_step" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "")

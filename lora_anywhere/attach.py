@@ -155,11 +155,11 @@ def _low_rank_parts(layer: nn.Module) -> dict[str, tuple[torch.Tensor, list[Term
     live = [a for a in layer._modules[ADAPTERS].values() if a.live]
     if not live or any(a.dora or a.dropout_active or a.activation_owners for a in live):
         return None
+    if any(t.tensor != "weight" for a in live for t in a.targets.values()):
+        return None
     parts: dict[str, tuple[torch.Tensor, list[Term]]] = {}
     for adapter in live:
         for owner_name in dict.fromkeys(t.owner for t in adapter.targets.values()):
-            if any(t.owner == owner_name and t.tensor != "weight" for t in adapter.targets.values()):
-                return None
             if owner_name not in parts:
                 weight = layer.get_submodule(owner_name)._parameters["weight"]
                 if may_be_sharded() and is_sharded(weight):

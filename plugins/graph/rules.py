@@ -23,6 +23,7 @@ from torch_geometric.nn.dense.linear import Linear
 
 from lora_anywhere import LinearRule, Rule, Target
 from lora_anywhere.rule import own_class
+from lora_anywhere.rules.torch_nn import linear_rows
 
 #: Modules a conv rule leaves to their own rules: nested convs (their rule claims
 #: what is inside them), and layers whose core rule sees their weights differently
@@ -162,7 +163,7 @@ def _aggregating_rank_is_cheaper(x: Tensor, edge_index: Tensor, weight: Tensor, 
     3·out)) and the aggregation of the rank's channels, there and back. Counted in
     multiply-adds, which favours W + ΔW: an aggregation's scatter costs more per
     element than a matmul. A narrow conv (Cora's 1433 → 16 at rank 8) stays on W + ΔW."""
-    rows = x.numel() // max(x.shape[-1], 1)
+    rows = linear_rows(x)
     edges = edge_index.shape[-1] if edge_index.layout == torch.strided else edge_index._nnz()  # a sparse adjacency: its entries
     out, cols = weight.shape
     saved = rows * cols * out + edges * out

@@ -146,7 +146,8 @@ class LowRank(nn.Module):
         """(A, B) such that ΔM = scale · B @ A: with SVD initialisation, the trained and
         the frozen starting factors stacked, so activation routes stay one projection."""
         if self.A0 is None:
-            return self.A, self.B
+            p = self._parameters  # every call reads them: no `nn.Module.__getattr__` on the way
+            return (p["A"], p["B"]) if "A" in p and "B" in p else (self.A, self.B)
         return torch.cat([self.A, self.A0]), torch.cat([self.B, -self.B0], dim=1)
 
     def delta(self) -> torch.Tensor:

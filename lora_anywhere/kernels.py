@@ -65,10 +65,12 @@ class FusedLinearLoRA(torch.autograd.Function):
             gx = torch.mm(g, plus_low_rank(weight, b, a, s)).view(ctx.x_shape)
         elif need_x:
             gx = torch.mm(g, weight).addmm_(gz_t.t(), a, alpha=s).view(ctx.x_shape)
+        # s·(the product) as one op: addmm with beta=0 ignores its first argument
+        # (here a tensor of the result's shape), so it only names the shape.
         if need_a:
-            ga = torch.mm(gz_t, x.reshape(-1, x.shape[-1])).mul_(s)
+            ga = torch.addmm(a, gz_t, x.reshape(-1, x.shape[-1]), beta=0, alpha=s)
         if need_b:
-            gb = torch.mm(z_t, g).mul_(s).t().contiguous()
+            gb = torch.addmm(b.t(), z_t, g, beta=0, alpha=s).t().contiguous()
         if need_w:
             gw = torch.mm(g_t, x.reshape(-1, x.shape[-1]))
         if need_bias and has_bias:
@@ -105,8 +107,13 @@ def _linear_output(*args: Any) -> tuple[torch.Tensor, None]:
     return _linear_forward(*args, keep_z=False)[0], None
 
 
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast computes matmuls and convs in on this device, or None."""
+    if not _any_autocast():  # one call where autocast is off, as it mostly is
+        return None
     try:
         return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
     except TypeError:  # torch < 2.4: one pair of functions per device type

@@ -65,12 +65,10 @@ class FusedLinearLoRA(torch.autograd.Function):
             gx = torch.mm(g, plus_low_rank(weight, b, a, s)).view(ctx.x_shape)
         elif need_x:
             gx = torch.mm(g, weight).addmm_(gz_t.t(), a, alpha=s).view(ctx.x_shape)
-        # s·(the product) as one op: addmm with beta=0 ignores its first argument
-        # (here a tensor of the result's shape), so it only names the shape.
         if need_a:
-            ga = torch.addmm(a, gz_t, x.reshape(-1, x.shape[-1]), beta=0, alpha=s)
+            ga = scaled_mm(gz_t, x.reshape(-1, x.shape[-1]), s)
         if need_b:
-            gb = torch.addmm(b.t(), z_t, g, beta=0, alpha=s).t().contiguous()
+            gb = scaled_mm(z_t, g, s).t().contiguous()
         if need_w:
             gw = torch.mm(g_t, x.reshape(-1, x.shape[-1]))
         if need_bias and has_bias:
@@ -217,9 +215,9 @@ class FusedConvLoRA(torch.autograd.Function):
         gz = None  # s·Bᵀ grad, A's output gradient: for A's gradient, and for x's where not folded
         if need_a or (need_x and not fold):
             if rows_layout:
-                gz = ((b.t() * scale) @ g_rows.t()).view(r, n, *grad.shape[2:]).movedim(0, 1)
+                gz = scaled_mm(b.t(), g_rows.t(), scale).view(r, n, *grad.shape[2:]).movedim(0, 1)
             else:
-                gz = per_sample_mm(b.t() * scale, g3).view(n, r, *grad.shape[2:])
+                gz = scaled_mm(b.t().expand(n, r, out), g3, scale).view(n, r, *grad.shape[2:])
         no_pad = [0] * dims
         gx = gw = gbias = ga = gb = None
         # A 1×1 conv over NCHW tensors: A's terms are matmuls over positions (as in the
@@ -264,9 +262,9 @@ class FusedConvLoRA(torch.autograd.Function):
             gw = _conv_backward(grad, x, weight, None, stride, padding, dilation, False, no_pad, 1, [False, True, False])[1]
         if need_b:
             if rows_layout:
-                gb = ((z_rows.t() @ g_rows) * scale).t().contiguous()
+                gb = scaled_mm(z_rows.t(), g_rows, scale).t().contiguous()
             else:
-                gb = (torch.bmm(z.reshape(n, r, -1), g3.transpose(1, 2)).sum(0) * scale).t().contiguous()
+                gb = scaled_mm(z.reshape(n, r, -1), g3.transpose(1, 2), scale).sum(0).t().contiguous()
         if need_bias and has_bias:
             gbias = grad.sum(dim=[0, *range(2, grad.dim())])
         return gx, gw, gbias, ga, gb, None, None, None, None, None
@@ -290,14 +288,13 @@ def _conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         z = _CONV[dims](x, a_kernel, None, stride, padding, dilation)
     if fold:
         return y, z
-    sb = b * scale
     y_rows, z_rows = channel_rows(y), channel_rows(z)
     if y_rows is not None and z_rows is not None:  # channels_last
-        y_rows.addmm_(z_rows, sb.t())
+        y_rows.addmm_(z_rows, b.t(), alpha=scale)
     elif y.is_contiguous():
-        y.view(n, y.shape[1], -1).baddbmm_(sb.expand(n, *sb.shape), z.reshape(n, r, -1))
+        y.view(n, y.shape[1], -1).baddbmm_(b.expand(n, *b.shape), z.reshape(n, r, -1), alpha=scale)
     else:
-        y = y + per_sample_mm(sb, z.reshape(n, r, -1)).view(y.shape)
+        y = y + scaled_mm(b.expand(n, *b.shape), z.reshape(n, r, -1), scale).view(y.shape)
     return y, z
 
 
@@ -312,6 +309,17 @@ def plus_low_rank(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: floa
     if w.dim() == 2 and a.dim() == 2:
         return torch.addmm(w, b, a, alpha=scale)
     return torch.addmm(w.reshape(b.shape[0], -1), b, a.reshape(a.shape[0], -1), alpha=scale).view(w.shape)
+
+
+def scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · m1 @ m2`` (matrices, or batches of them) as one op where a product and
+    a multiply would be two: addmm and baddbmm with beta=0 ignore their first argument
+    (NaN included), which only has to broadcast to the result (m1's first column does)."""
+    if m1.shape[-1] == 0:  # an empty sum (no rows in the batch): zeros, and no column to broadcast
+        return torch.matmul(m1, m2)
+    if m1.dim() == 2:
+        return torch.addmm(m1[:, :1], m1, m2, beta=0, alpha=scale)
+    return torch.baddbmm(m1[..., :1], m1, m2, beta=0, alpha=scale)
 
 
 def per_sample_mm(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -651,6 +651,27 @@ def test_fused_backward_matches_numerical_gradients(layout, fold):
     assert torch.autograd.gradcheck(conv, (x, w, bias, a, b))
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["on W", "on W + ΔW"])
+@pytest.mark.parametrize("layout", ["linear", "contiguous", "channels_last"])
+def test_fused_backward_of_an_empty_batch(layout, fold):
+    """A batch without rows (a ragged batch's empty part) still trains: the rank-r
+    products sum over no rows, so A's and B's gradients are zeros of their shapes,
+    not an error."""
+    from lora_anywhere.kernels import FusedConvLoRA, FusedLinearLoRA
+
+    a, b = torch.randn(2, 27, requires_grad=True), torch.randn(4, 2, requires_grad=True)
+    if layout == "linear":
+        x, w = torch.randn(0, 27, requires_grad=True), torch.randn(4, 27)
+        y = FusedLinearLoRA.apply(x, w, None, a, b, 0.7, fold)
+    else:
+        memory = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        x = torch.randn(0, 3, 5, 5).to(memory_format=memory).requires_grad_()
+        y = FusedConvLoRA.apply(x, torch.randn(4, 3, 3, 3), None, a, b, 0.5, fold, [1, 1], [1, 1], [1, 1])
+    y.sum().backward()
+    assert y.shape[0] == 0 and x.grad.shape == x.shape
+    assert torch.equal(a.grad, torch.zeros_like(a)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
 @pytest.mark.parametrize("blocks", ["q,v", "k", "q,k,v"])
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16 autocast"])
 def test_packed_row_blocks_unmerged_equal_merged_to_the_bit(blocks, autocast):

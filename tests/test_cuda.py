@@ -43,13 +43,32 @@ def step(model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> tuple[
     return out.float(), [p.grad.float() for p in model.parameters() if p.requires_grad]
 
 
-@pytest.mark.parametrize("route", ["activation", "weight"])
+def fused_at_any_size(monkeypatch: pytest.MonkeyPatch, model: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> None:
+    """Make every activation-route training call on the GPU run the fused functions (a
+    GPU's small calls take W + ΔW, `SMALL_CALL_OFF_CPU`, and this net's are all small),
+    and check that they do."""
+    from lora_anywhere.rules import torch_nn
+
+    monkeypatch.setattr(torch_nn, "SMALL_CALL_OFF_CPU", 0)
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+        assert type(model[0](x).grad_fn).__name__ == "FusedConvLoRABackward"
+
+
+@pytest.mark.parametrize("route", ["activation", "fused", "weight"])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
-def test_cuda_step_matches_cpu(route: str, dtype: torch.dtype | None) -> None:
+def test_cuda_step_matches_cpu(monkeypatch, route: str, dtype: torch.dtype | None) -> None:
+    """On each route, and with the fused functions forced, as `auto` gives them to large
+    calls only."""
     x = torch.randn(4, 3, 16, 16)
-    reference, reference_grads = step(adapted(route), x, None)
-    out, grads = step(adapted(route).cuda(), x.cuda(), dtype)
-    tol = dict(rtol=5e-2, atol=5e-2) if dtype is not None else dict(rtol=1e-4, atol=1e-4)
+    layer_route = "weight" if route == "weight" else "activation"
+    reference, reference_grads = step(adapted(layer_route), x, None)
+    model = adapted(layer_route).cuda()
+    if route == "fused":
+        fused_at_any_size(monkeypatch, model, x.cuda(), dtype)
+    out, grads = step(model, x.cuda(), dtype)
+    # The fused functions run a conv of A besides W's, which may run in TF32 on the GPU.
+    fp32 = 2e-3 if route == "fused" else 1e-4
+    tol = dict(rtol=5e-2, atol=5e-2) if dtype is not None else dict(rtol=fp32, atol=fp32)
     torch.testing.assert_close(out.cpu(), reference, **tol)
     for g, r in zip(grads, reference_grads, strict=True):
         torch.testing.assert_close(g.cpu(), r, **tol)
@@ -62,8 +81,11 @@ def test_cuda_small_training_calls_take_w_plus_delta(monkeypatch, dtype: torch.d
     from lora_anywhere.rules import torch_nn
 
     x = torch.randn(4, 3, 16, 16, device="cuda")
-    fused, fused_grads = step(adapted("activation").cuda(), x, dtype)
-    monkeypatch.setattr(torch_nn, "SMALL_CALL_OFF_CPU", 10**11)
+    default = torch_nn.SMALL_CALL_OFF_CPU
+    model = adapted("activation").cuda()
+    fused_at_any_size(monkeypatch, model, x, dtype)
+    fused, fused_grads = step(model, x, dtype)
+    monkeypatch.setattr(torch_nn, "SMALL_CALL_OFF_CPU", default)
     model = adapted("activation").cuda()
     with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
         assert type(model[0](x).grad_fn).__name__ != "FusedConvLoRABackward"

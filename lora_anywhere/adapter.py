@@ -486,12 +486,16 @@ class LayerAdapter(nn.Module):
 
     def inputs_of(self, owner: str, tensor: str) -> list[torch.Tensor]:
         """Every tensor `add_to` reads to update this tensor (none if it leaves it alone)."""
-        factors = self._modules["factors"]._modules
         out: list[torch.Tensor] = []
-        for t in self._on_tensor.get((owner, tensor), ()):
+        targets = self._on_tensor.get((owner, tensor))
+        if targets is None:
+            return out
+        factors, dora = self._modules["factors"]._modules, self.dora
+        for t in targets:
             f = factors[t.name]
-            out += [*f._parameters.values(), *f._buffers.values()]
-            if self.dora:
+            out += f._parameters.values()
+            out += f._buffers.values()
+            if dora:
                 out.append(self.magnitudes[t.name])
         return out
 

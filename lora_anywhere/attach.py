@@ -100,20 +100,22 @@ def _kept_tensor(owner: nn.Module, tensor: str) -> torch.Tensor:
 
 def _adapted_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     layer, owner_name, rule = self.__dict__[_LAYER], self.__dict__[_OWNER_NAME], self.__dict__[_RULE]
-    weight = effective_tensor(self, "weight", include_activation=False)
     adapters = [a for a in layer._modules[ADAPTERS].values() if a.live and owner_name in a.activation_owners]
-    if torch.is_grad_enabled():
+    grad, no_dropout = torch.is_grad_enabled(), not any(a.dropout_active for a in adapters)
+    # No gradient to pay for: the layer's own forward reads W + ΔW (the property),
+    # formed once while the weight is kept (`weight_cache`). Asked first: it is every
+    # call of an unmerged model's evaluation after the first.
+    if not grad and no_dropout and weight_cache.holds(self):
+        return type(self).__lora_base__.forward(self, *args, **kwargs)
+    if grad:
         weight_cache.drop(self)
-    elif not any(a.dropout_active for a in adapters) and (
-        weight_cache.holds(self) or rule.weight_cheaper_without_grad(self, weight, *args, **kwargs)
-    ):
-        # No gradient to pay for: the layer's own forward reads W + ΔW (the property),
-        # formed once while the weight is kept (`weight_cache`).
+    weight = effective_tensor(self, "weight", include_activation=False)
+    if not grad and no_dropout and rule.weight_cheaper_without_grad(self, weight, *args, **kwargs):
         return type(self).__lora_base__.forward(self, *args, **kwargs)
     terms = [a.activation_term(owner_name, weight.shape[0]) for a in adapters]
     if (
-        torch.is_grad_enabled()
-        and not any(a.dropout_active for a in adapters)
+        grad
+        and no_dropout
         # With A frozen (LoRA-FA) the activation route keeps no copy of the input: stay.
         and all(t.a.requires_grad for t in terms)
         and rule.weight_cheaper_with_grad(self, weight, sum(t.a.shape[0] for t in terms), *args, **kwargs)

@@ -217,7 +217,7 @@ class FusedConvLoRA(torch.autograd.Function):
             if rows_layout:
                 gz = scaled_mm(b.t(), g_rows.t(), scale).view(r, n, *grad.shape[2:]).movedim(0, 1)
             else:
-                gz = scaled_mm(b.t().expand(n, r, out), g3, scale).view(n, r, *grad.shape[2:])
+                gz = per_sample_mm(b.t(), g3, scale).view(n, r, *grad.shape[2:])
         no_pad = [0] * dims
         gx = gw = gbias = ga = gb = None
         # A 1×1 conv over NCHW tensors: A's terms are matmuls over positions (as in the
@@ -294,7 +294,7 @@ def _conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     elif y.is_contiguous():
         y.view(n, y.shape[1], -1).baddbmm_(b.expand(n, *b.shape), z.reshape(n, r, -1), alpha=scale)
     else:
-        y = y + scaled_mm(b.expand(n, *b.shape), z.reshape(n, r, -1), scale).view(y.shape)
+        y = y + per_sample_mm(b, z.reshape(n, r, -1), scale).view(y.shape)
     return y, z
 
 
@@ -322,12 +322,14 @@ def scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.baddbmm(m1[..., :1], m1, m2, beta=0, alpha=scale)
 
 
-def per_sample_mm(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``m @ t[i]`` for every sample i of a (n, k, P) tensor, as one batched matmul.
-    ``torch.matmul(m, t)`` would fold the batch into the rows instead, which copies
-    all of t transposed and then its result back: on a 1×1 conv's input that copy
-    cost more than the product itself (bench/layer_paths.py)."""
-    return torch.bmm(m.expand(t.shape[0], *m.shape), t)
+def per_sample_mm(m: torch.Tensor, t: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``m @ t[i]`` for every sample i of a (n, k, P) tensor, as one batched matmul
+    (times `scale` inside it, `scaled_mm`, where given). ``torch.matmul(m, t)`` would
+    fold the batch into the rows instead, which copies all of t transposed and then
+    its result back: on a 1×1 conv's input that copy cost more than the product itself
+    (bench/layer_paths.py)."""
+    batched = m.expand(t.shape[0], *m.shape)
+    return torch.bmm(batched, t) if scale is None else scaled_mm(batched, t, scale)
 
 
 def linear_rows(x: torch.Tensor) -> int:

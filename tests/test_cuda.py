@@ -78,14 +78,11 @@ def test_cuda_step_matches_cpu(monkeypatch, route: str, dtype: torch.dtype | Non
 def test_cuda_small_training_calls_take_w_plus_delta(monkeypatch, dtype: torch.dtype | None) -> None:
     """On a GPU an activation-route layer's small training call runs on W + ΔW
     (`SMALL_CALL_OFF_CPU`), with the fused route's numbers."""
-    from lora_anywhere.rules import torch_nn
-
     x = torch.randn(4, 3, 16, 16, device="cuda")
-    default = torch_nn.SMALL_CALL_OFF_CPU
     model = adapted("activation").cuda()
     fused_at_any_size(monkeypatch, model, x, dtype)
     fused, fused_grads = step(model, x, dtype)
-    monkeypatch.setattr(torch_nn, "SMALL_CALL_OFF_CPU", default)
+    monkeypatch.undo()  # the bound as shipped
     model = adapted("activation").cuda()
     with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
         assert type(model[0](x).grad_fn).__name__ != "FusedConvLoRABackward"

@@ -5,7 +5,7 @@ measurements behind ``route="auto"`` and its per-call choices.
     python bench/layer_paths.py --device cuda --dtype bf16 --batch-scale 8   # a GPU at batch 64
 
 For Linear and Conv2d shapes taken from the benchmark models (ResNet-50 and
-MobileNetV3-L at 160 px, ViT-S, GCN, Conformer), time forward + backward of: the
+MobileNetV3-L at 160 px, ViT-S, Swin-T, wav2vec2, GCN, Conformer), time forward + backward of: the
 frozen layer with an input that needs a gradient (the floor: what BitFit pays per
 layer), full fine-tuning, rank-8 LoRA on the weight route, on the activation route's
 fused call with ΔW never folded into the base product, and folded where the call has
@@ -41,6 +41,9 @@ LINEARS = [
     ("ViT-S qkv 384→1152", lambda: nn.Linear(384, 1152), (8 * 197, 384)),
     ("ViT-S fc1 384→1536", lambda: nn.Linear(384, 1536), (8 * 197, 384)),
     ("ViT-S fc2 1536→384", lambda: nn.Linear(1536, 384), (8 * 197, 1536)),
+    ("Swin-T stage 1 qkv 96→288", lambda: nn.Linear(96, 288), (8 * 3136, 96)),
+    ("Swin-T stage 2 qkv 192→576", lambda: nn.Linear(192, 576), (8 * 784, 192)),
+    ("wav2vec2 q 768→768", lambda: nn.Linear(768, 768), (8 * 49, 768)),
     ("GCN 128→256", lambda: nn.Linear(128, 256), (20_000, 128)),
     ("GCN 256→256", lambda: nn.Linear(256, 256), (20_000, 256)),
     ("Conformer FFN 80→256", lambda: nn.Linear(80, 256), (4 * 200, 80)),

@@ -1,7 +1,8 @@
-"""The rank-r products of LoRA's forward and backward, formed two ways: with r columns (how the
-textbook writes them, and how autograd forms them for PEFT's nn.Linear A and B) and
-with r rows (how `lora_anywhere.kernels` forms them). Same numbers, same FLOPs; only
-the shape BLAS is asked for differs.
+"""The rank-r products of LoRA's forward and backward, formed three ways: with r columns (how the
+textbook writes them, and how autograd forms them for PEFT's nn.Linear A and B), with
+r rows, and with r rows in blocks of rows, one per thread, as one batched matmul (how
+`lora_anywhere.kernels` forms a Linear's on the CPU: `rank_blocks`). Same numbers up to
+the order of sums, same FLOPs; only the shape BLAS is asked for differs.
 
     .venv/bin/python bench/skinny_matmul.py [--quick]
 
@@ -24,6 +25,8 @@ from typing import Callable
 import torch
 from results_file import write_results
 
+from lora_anywhere.kernels import per_sample_mm, rank_blocks
+
 RESULTS = Path(__file__).parent / "results"
 RANK = 8
 # (label, rows N, in, out)
@@ -36,15 +39,26 @@ SHAPES = [
 ]
 
 
-def products(n: int, cols: int, out: int) -> dict[str, tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]]:
-    """Per product: (r columns, r rows). g is the output gradient (N × out), z = x Aᵀ."""
+WAYS = ("r columns", "r rows", "r rows in blocks")
+
+
+def products(n: int, cols: int, out: int) -> dict[str, tuple[Callable[[], torch.Tensor], ...]]:
+    """Per product, one function per way of `WAYS`. g is the output gradient (N × out),
+    z = x Aᵀ; the blocks are `rank_blocks`' for these rows."""
     x, a = torch.randn(n, cols), torch.randn(RANK, cols)
     g, z, b = torch.randn(n, out), torch.randn(n, RANK), torch.randn(out, RANK)
+    k = rank_blocks(x, n)
+    xk, gk, zk = x.view(k, -1, cols), g.view(k, -1, out), z.t().reshape(RANK, k, -1).transpose(0, 1)
     return {
-        "z = x Aᵀ (N × r)": (lambda: x @ a.t(), lambda: (a @ x.t()).t()),
-        "gz = g B (N × r)": (lambda: g @ b, lambda: (b.t() @ g.t()).t()),
-        "grad B = gᵀ z (out × r)": (lambda: g.t() @ z, lambda: (z.t() @ g).t()),
+        "z = x Aᵀ (N × r)": (lambda: x @ a.t(), lambda: (a @ x.t()).t(), lambda: per_sample_mm(a, xk.transpose(1, 2))),
+        "gz = g B (N × r)": (lambda: g @ b, lambda: (b.t() @ g.t()).t(), lambda: per_sample_mm(b.t(), gk.transpose(1, 2))),
+        "grad B = gᵀ z (out × r)": (lambda: g.t() @ z, lambda: (z.t() @ g).t(), lambda: torch.bmm(zk, gk).sum(0).t()),
     }
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """A product's result as N × r (or out × r): blocks (k, r, N / k) joined."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1).t() if t.dim() == 3 else t
 
 
 def timed(fn: Callable[[], torch.Tensor]) -> float:
@@ -63,14 +77,15 @@ def main() -> None:
     torch.manual_seed(0)
     rows = []
     for label, n, cols, out in SHAPES:
-        for product, (columns, rows_first) in products(n, cols, out).items():
-            torch.testing.assert_close(columns(), rows_first(), rtol=1e-4, atol=1e-3)
-            groups: dict[str, list[float]] = {"r columns": [], "r rows": []}
+        for product, ways in products(n, cols, out).items():
+            for way in ways[1:]:
+                torch.testing.assert_close(as_rows(way()), ways[0](), rtol=1e-4, atol=1e-3)
+            groups: dict[str, list[float]] = {w: [] for w in WAYS}
             for _ in range(args.runs):
-                times: dict[str, list[float]] = {"r columns": [], "r rows": []}
+                times: dict[str, list[float]] = {w: [] for w in WAYS}
                 for _ in range(repeats):
-                    times["r columns"].append(timed(columns))
-                    times["r rows"].append(timed(rows_first))
+                    for w, fn in zip(WAYS, ways):
+                        times[w].append(timed(fn))
                 for k, v in times.items():
                     groups[k].append(statistics.median(v))
             row = {
@@ -82,24 +97,20 @@ def main() -> None:
                 },
             }
             rows.append(row)
-            print(
-                f"{label:<32} {product:<26} r columns {row['r columns']['median_ms']:.3f} ms  r rows {row['r rows']['median_ms']:.3f} ms",
-                flush=True,
-            )
+            print(f"{label:<32} {product:<26}", "  ".join(f"{w} {row[w]['median_ms']:.3f} ms" for w in WAYS), flush=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "python": sys.version.split()[0]}
     lines = [
-        f"LoRA's rank-{RANK} products with r columns vs r rows: median of {repeats} interleaved repeats, "
+        f"LoRA's rank-{RANK} products with r columns, r rows, and r rows in blocks of rows "
+        f"(one per thread, as one batched matmul): median of {repeats} interleaved repeats, "
         f"range of the medians of {args.runs} groups. {meta}",
         "",
-        "| layer | product | r columns | r rows | columns ÷ rows |",
-        "|---|---|---|---|---|",
+        "| layer | product | " + " | ".join(WAYS) + " | columns ÷ rows | rows ÷ rows in blocks |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        c, w = r["r columns"], r["r rows"]
-        lines.append(
-            f"| {r['shape']} | {r['product']} | {c['median_ms']:.3f} ms ({c['min_ms']:.3f}–{c['max_ms']:.3f}) | "
-            f"{w['median_ms']:.3f} ms ({w['min_ms']:.3f}–{w['max_ms']:.3f}) | {c['median_ms'] / w['median_ms']:.1f}× |"
-        )
+        cells = " | ".join(f"{r[w]['median_ms']:.3f} ms ({r[w]['min_ms']:.3f}–{r[w]['max_ms']:.3f})" for w in WAYS)
+        c, w, k = (r[w]["median_ms"] for w in WAYS)
+        lines.append(f"| {r['shape']} | {r['product']} | {cells} | {c / w:.1f}× | {w / k:.1f}× |")
     write_results(args.out, "skinny_matmul", meta, rows, "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -24,11 +24,11 @@ _conv_backward = torch.ops.aten.convolution_backward.default
 
 
 class FusedLinearLoRA(torch.autograd.Function):
-    """The base matmul as in the frozen layer, A's projection z = x Aᵀ (kept as its
-    r × N transpose), and ``s·z Bᵀ`` accumulated into the output in place. (One
-    matmul over ``[W; A]`` reads x once but must copy W and then split its output:
-    measured slower, by up to 13 % of the frozen layer's step, on ViT-S and ViT-B
-    shapes.)"""
+    """The base matmul as in the frozen layer, A's projection z = x Aᵀ (kept as
+    blocks of its r × N transpose, `rank_blocks`), and ``s·z Bᵀ`` accumulated into
+    the output in place. (One matmul over ``[W; A]`` reads x once but must copy W and
+    then split its output: measured slower, by up to 13 % of the frozen layer's step,
+    on ViT-S and ViT-B shapes.)"""
 
     @staticmethod
     def forward(
@@ -40,48 +40,51 @@ class FusedLinearLoRA(torch.autograd.Function):
         b: torch.Tensor,
         scale: float,
         fold: bool,
+        blocks: int,
     ) -> torch.Tensor:
-        y, z_t = _linear_forward(x, weight, bias, a, b, scale, fold)
+        y, z = _linear_forward(x, weight, bias, a, b, scale, fold, blocks)
         # x is kept only for weight gradients: with A frozen (LoRA-FA) it is not.
         keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
-        ctx.save_for_backward(x if keep_x else None, weight, a, b, z_t)
+        ctx.save_for_backward(x if keep_x else None, weight, a, b, z)
         ctx.x_shape = x.shape
-        ctx.conf = (scale, fold, bias is not None)
+        ctx.conf = (scale, fold, blocks, bias is not None)
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, a, b, z_t = ctx.saved_tensors
-        s, fold, has_bias = ctx.conf
+        x, weight, a, b, z = ctx.saved_tensors
+        s, fold, blocks, has_bias = ctx.conf
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         g = grad.reshape(-1, grad.shape[-1])
-        g_t = g.t()
+        g_blocks = g.view(blocks, -1, g.shape[1])
         # The rank-r products are formed with r rows (r × N, r × out), never r
         # columns: same FLOPs, but BLAS runs the N × r and out × r shapes up to 6×
         # slower on the CPU (bench/skinny_matmul.py).
-        gz_t = torch.mm(b.t(), g_t) if need_a or (need_x and not fold) else None  # (r, N), unscaled
+        gz = per_sample_mm(b.t(), g_blocks.transpose(1, 2)) if need_a or (need_x and not fold) else None  # unscaled
         gx = gw = gbias = ga = gb = None
         if need_x and fold:
             gx = torch.mm(g, plus_low_rank(weight, b, a, s)).view(ctx.x_shape)
         elif need_x:
-            gx = torch.mm(g, weight).addmm_(gz_t.t(), a, alpha=s).view(ctx.x_shape)
+            gx = torch.mm(g, weight)
+            gx.view(blocks, -1, gx.shape[1]).baddbmm_(gz.transpose(1, 2), a.expand(blocks, *a.shape), alpha=s)
+            gx = gx.view(ctx.x_shape)
         if need_a:
-            ga = scaled_mm(gz_t, x.reshape(-1, x.shape[-1]), s)
+            ga = _block_sum(scaled_mm(gz, x.reshape(-1, x.shape[-1]).view(blocks, -1, x.shape[-1]), s))
         if need_b:
-            gb = scaled_mm(z_t, g, s).t().contiguous()
+            gb = _block_sum(scaled_mm(z, g_blocks, s)).t().contiguous()
         if need_w:
-            gw = torch.mm(g_t, x.reshape(-1, x.shape[-1]))
+            gw = torch.mm(g.t(), x.reshape(-1, x.shape[-1]))
         if need_bias and has_bias:
             gbias = g.sum(0)
-        return gx, gw, gbias, ga, gb, None, None
+        return gx, gw, gbias, ga, gb, None, None, None
 
 
 def _linear_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float, fold: bool,
-    keep_z: bool = True,
+    blocks: int, keep_z: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """y = x Wᵀ + bias + s·(x Aᵀ) Bᵀ, and A's projection z (as its r × N transpose)
-    where the backward needs it."""
+    """y = x Wᵀ + bias + s·(x Aᵀ) Bᵀ, and A's projection z (as `blocks` blocks of its
+    r × N transpose) where the backward needs it."""
     x2 = x.reshape(-1, x.shape[-1])
     # Written through a view into a fresh tensor, so the output is not itself a
     # view: an in-place op after the layer (Hardswish(inplace=True)) must work.
@@ -95,10 +98,16 @@ def _linear_forward(
     if fold and not keep_z:
         return y, None
     # A's projection with r rows, never r columns: see `FusedLinearLoRA.backward`.
-    z_t = torch.mm(a, x2.t())  # (r, N)
+    z = per_sample_mm(a, x2.view(blocks, -1, x2.shape[1]).transpose(1, 2))  # (blocks, r, N / blocks)
     if not fold:
-        y2.addmm_(z_t.t(), b.t(), alpha=scale)
-    return y, z_t
+        b_t = b.t()
+        y2.view(blocks, -1, y2.shape[1]).baddbmm_(z.transpose(1, 2), b_t.expand(blocks, *b_t.shape), alpha=scale)
+    return y, z
+
+
+def _block_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of a product's per-block terms (one block: the term itself, no copy)."""
+    return t[0] if t.shape[0] == 1 else t.sum(0)
 
 
 def _linear_output(*args: Any) -> tuple[torch.Tensor, None]:
@@ -145,8 +154,28 @@ def _run(function: Any, plain: Any, args: tuple) -> torch.Tensor:
 def linear_lora(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    fold = folds_delta(x, "matmul", linear_rows(x), *weight.shape)
-    return _apply(FusedLinearLoRA, _linear_output, x, weight, bias, a, b, rest=(scale, fold))
+    rows = linear_rows(x)
+    fold = folds_delta(x, "matmul", rows, *weight.shape)
+    return _apply(FusedLinearLoRA, _linear_output, x, weight, bias, a, b, rest=(scale, fold, rank_blocks(x, rows)))
+
+
+#: The fewest rows a block of `rank_blocks` holds.
+BLOCK_ROWS = 64
+
+
+def rank_blocks(x: torch.Tensor, rows: int) -> int:
+    """In how many equal blocks of rows a fused Linear call forms its rank-r products,
+    as one batched matmul: on the CPU one block per thread, where the rows divide
+    evenly into blocks of at least `BLOCK_ROWS`; elsewhere, and in a compiled graph
+    (which plans its own products), one. On 2 threads one r-row product over all rows
+    ran up to 2× slower than the same product in 2 blocks (bench/skinny_matmul.py);
+    only the order of the sums over rows changes."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return 1
+    blocks = min(torch.get_num_threads(), rows // BLOCK_ROWS)
+    while blocks > 1 and rows % blocks:
+        blocks -= 1
+    return max(blocks, 1)
 
 
 def many_rows(rows: int, out: int, cols: int) -> bool:

@@ -623,21 +623,44 @@ def test_folded_and_unfolded_calls_train_alike(factory, shape, rows):
     _paths_agree(lambda: factory().double(), (x,), rank=3)
 
 
+@pytest.mark.parametrize("threads, rows, blocks", [(4, 1000, 4), (4, 1002, 3), (2, 130, 2), (2, 131, 1), (4, 127, 1), (1, 1000, 1)])
+def test_linear_rank_products_run_in_a_block_of_rows_per_thread(threads, rows, blocks, monkeypatch):
+    """On the CPU a fused Linear call forms its rank-r products in one block of rows per
+    thread where the rows divide evenly into blocks of at least `BLOCK_ROWS` (fewer
+    blocks where they do not, one off the CPU): the weight route's outputs and
+    gradients all the same."""
+    from lora_anywhere import kernels
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    x = torch.randn(rows, 12, dtype=torch.float64)
+    assert kernels.rank_blocks(x.to("meta"), rows) == 1
+    choose, chosen = kernels.rank_blocks, []
+
+    def recording(*args):
+        chosen.append(choose(*args))
+        return chosen[-1]
+
+    monkeypatch.setattr(kernels, "rank_blocks", recording)
+    _paths_agree(lambda: nn.Linear(12, 10).double(), (x,), rank=3)
+    assert chosen == [blocks]
+
+
 @pytest.mark.parametrize("fold", [False, True], ids=["on W", "on W + ΔW"])
-@pytest.mark.parametrize("layout", ["linear", "channels_last", "contiguous", "pointwise"])
+@pytest.mark.parametrize("layout", ["linear", "linear in 3 blocks", "channels_last", "contiguous", "pointwise"])
 def test_fused_backward_matches_numerical_gradients(layout, fold):
     """The fused functions write their own backward (rank-r products taken in the shape
-    BLAS runs fastest; the base product on W or on W + ΔW): every input's gradient is
-    checked against finite differences."""
+    BLAS runs fastest, a Linear's in blocks of rows; the base product on W or on
+    W + ΔW): every input's gradient is checked against finite differences."""
     from lora_anywhere.kernels import FusedConvLoRA, FusedLinearLoRA
 
     torch.manual_seed(0)
     f64 = dict(dtype=torch.float64, requires_grad=True)
     kernel = 1 if layout == "pointwise" else 3
     a, b = torch.randn(2, 3 * kernel * kernel, **f64), torch.randn(4, 2, **f64)
-    if layout == "linear":
+    if layout.startswith("linear"):
         x, w, bias = torch.randn(3, 5, 27, **f64), torch.randn(4, 27, **f64), torch.randn(4, **f64)
-        assert torch.autograd.gradcheck(lambda *t: FusedLinearLoRA.apply(*t, 0.7, fold), (x, w, bias, a, b))
+        blocks = 3 if "blocks" in layout else 1
+        assert torch.autograd.gradcheck(lambda *t: FusedLinearLoRA.apply(*t, 0.7, fold, blocks), (x, w, bias, a, b))
         return
     memory = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64).to(memory_format=memory).requires_grad_()
@@ -662,7 +685,7 @@ def test_fused_backward_of_an_empty_batch(layout, fold):
     a, b = torch.randn(2, 27, requires_grad=True), torch.randn(4, 2, requires_grad=True)
     if layout == "linear":
         x, w = torch.randn(0, 27, requires_grad=True), torch.randn(4, 27)
-        y = FusedLinearLoRA.apply(x, w, None, a, b, 0.7, fold)
+        y = FusedLinearLoRA.apply(x, w, None, a, b, 0.7, fold, 1)
     else:
         memory = torch.channels_last if layout == "channels_last" else torch.contiguous_format
         x = torch.randn(0, 3, 5, 5).to(memory_format=memory).requires_grad_()

@@ -5,6 +5,7 @@
     .venv/bin/python bench/train_step.py --compile  # also floor, full FT and LoRA under torch.compile
     .venv/bin/python bench/train_step.py --device cuda --dtype bf16   # on a GPU, bf16 autocast
     .venv/bin/python bench/train_step.py --models gcn,gat --update   # rerun some rows of the table
+    .venv/bin/python bench/train_step.py --one-block --out DIR   # also LoRA before `kernels.rank_blocks`
 
 Every contender is a copy of the same model in this one process; their steps are
 interleaved (one step of each, round after round) so that drifting machine load hits
@@ -215,6 +216,21 @@ def _forced_activation(model: nn.Module) -> Callable[..., object]:
     return run
 
 
+def _one_block(model: nn.Module) -> Callable[..., object]:
+    """`model`'s forward with every fused Linear call forming its rank-r products in one
+    block of rows, as before `kernels.rank_blocks` (the backward follows the forward)."""
+    from lora_anywhere import kernels
+
+    def run(*args: object) -> object:
+        saved, kernels.rank_blocks = kernels.rank_blocks, lambda *_: 1
+        try:
+            return model(*args)
+        finally:
+            kernels.rank_blocks = saved
+
+    return run
+
+
 def bitfit(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(p.dim() == 1)
@@ -245,6 +261,7 @@ class Setup:
     device: str = "cpu"
     dtype: str = "fp32"
     compile: bool = False
+    one_block: bool = False  # also LoRA with its rank-r products in one block of rows
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device, dtype=torch.bfloat16) if self.dtype == "bf16" else contextlib.nullcontext()
@@ -272,6 +289,8 @@ def contenders(case: Case, rank: int, with_peft: bool, setup: Setup | None = Non
         # A GPU trains small calls of activation-route layers on W + ΔW
         # (`SMALL_CALL_OFF_CPU`): the forced activation route shows what that choice gains.
         makers["lora_anywhere, activation route"] = lambda m: la.apply(m, rank=rank, route="activation")
+    if setup.one_block:
+        makers["lora_anywhere, one block"] = lambda m: la.apply(m, rank=rank)
     if with_peft:
         makers["PEFT LoRA"] = lambda m: peft_lora(m, rank)
     plan = [(name, make, False) for name, make in makers.items()]
@@ -282,7 +301,8 @@ def contenders(case: Case, rank: int, with_peft: bool, setup: Setup | None = Non
         try:
             model = make(copy.deepcopy(base)).to(setup.device).train()
             params = [p for p in model.parameters() if p.requires_grad]
-            run = torch.compile(model) if compiled else (_forced_activation(model) if name.endswith("activation route") else model)
+            wrap = {"lora_anywhere, activation route": _forced_activation, "lora_anywhere, one block": _one_block}.get(name)
+            run = torch.compile(model) if compiled else (wrap(model) if wrap else model)
             out.append(Contender(name, model, optimizer=torch.optim.AdamW(params, lr=1e-4), run=run))
         except Exception as exc:  # PEFT refuses some layers: report, don't crash
             out.append(Contender(name, None, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"))
@@ -505,13 +525,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: steps under bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="also the floor, full fine-tuning and LoRA under torch.compile")
+    parser.add_argument(
+        "--one-block", action="store_true", help="also LoRA with its Linears' rank-r products in one block of rows (as before rank_blocks)"
+    )
     parser.add_argument("--no-inference", action="store_true")
     parser.add_argument("--inference-only", action="store_true", help="only the inference table (bench/results/inference.md)")
     parser.add_argument(
         "--update", action="store_true", help="replace only these models' rows in the results of the same settings (and --repeats)"
     )
     args = parser.parse_args()
-    setup = Setup(args.device, args.dtype, args.compile)
+    setup = Setup(args.device, args.dtype, args.compile, args.one_block)
     stem = "train_step" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "")
     if args.plot_only:
         plot(json.loads((args.out / f"{stem}.json").read_text())["results"], args.out / f"{stem}.png")
@@ -539,6 +562,7 @@ def main() -> None:
         "device": args.device,
         "dtype": args.dtype,
         "compile": args.compile,
+        **({"one_block": True} if args.one_block else {}),
         "runs": args.runs,
     }
     if args.update:

@@ -500,6 +500,17 @@ def test_gcn_first_conv_aggregates_the_rank_and_later_convs_run_on_w_plus_delta(
     assert seen == [(64, False), (4, True), (64, True), (4, True)]
 
 
+def test_gcn_convs_as_wide_as_the_benchmarks_keep_their_lin_on_w_plus_delta(monkeypatch) -> None:
+    # `auto` would train a Linear of this width (128 → 256) alone on its activations
+    # if LINEAR_WIDTH were lower, but the first conv's low-rank aggregation saves more
+    # (bench/train_step.py's GCN): a GCNConv's lin stays on W + ΔW.
+    model = la.apply(build_model("pyg:GCN", in_channels=128, num_layers=3, hidden_channels=256), rank=8)
+    assert {row.route for row in la.summary(model).rows} == {"weight"}
+    randomize_adapters(model)
+    seen = _same_training_step(model, monkeypatch, torch.randn(NODES, 128), G["edge_index"])
+    assert seen[:2] == [(256, False), (8, True)]
+
+
 @pytest.mark.parametrize("options", [{"name": "second"}, {"init": "svd"}], ids=["two adapters", "svd init"])
 def test_gcn_conv_low_rank_aggregation_with_adapter_options(options: dict[str, Any], monkeypatch) -> None:
     model = la.apply(OneConv(GCNConv(WIDE, 64)), rank=4, alpha=12.0)

@@ -58,7 +58,7 @@ class FusedLinearLoRA(torch.autograd.Function):
         g = grad.reshape(-1, grad.shape[-1])
         g_blocks = g.view(blocks, -1, g.shape[1])
         # The rank-r products are formed with r rows (r × N, r × out), never r
-        # columns: same FLOPs, but BLAS runs the N × r and out × r shapes up to 6×
+        # columns: same FLOPs, but BLAS runs the N × r and out × r shapes up to 5×
         # slower on the CPU (bench/skinny_matmul.py).
         gz = per_sample_mm(b.t(), g_blocks.transpose(1, 2)) if need_a or (need_x and not fold) else None  # unscaled
         gx = gw = gbias = ga = gb = None
@@ -168,7 +168,7 @@ def rank_blocks(x: torch.Tensor, rows: int) -> int:
     as one batched matmul: on the CPU one block per thread, where the rows divide
     evenly into blocks of at least `BLOCK_ROWS`; elsewhere, and in a compiled graph
     (which plans its own products), one. On 2 threads one r-row product over all rows
-    ran up to 2× slower than the same product in 2 blocks (bench/skinny_matmul.py);
+    ran up to 2.2× slower than the same product in 2 blocks (bench/skinny_matmul.py);
     only the order of the sums over rows changes."""
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return 1

@@ -201,34 +201,35 @@ def checkpoint_blocks(model: nn.Module, blocks: tuple[str, ...], keep: Callable[
     return model
 
 
-def _forced_activation(model: nn.Module) -> Callable[..., object]:
-    """`model`'s forward with its activation-route layers on their activations at any
-    size (no per-call switch to W + ΔW; the backward follows the forward's choice)."""
-    from lora_anywhere.rules import torch_nn
+def _patched(model: nn.Module, module: object, name: str, value: object) -> Callable[..., object]:
+    """`model`'s forward with ``module.name`` set to `value` during the call: a per-call
+    choice of the library switched for one contender (the backward follows the
+    forward's choices)."""
 
     def run(*args: object) -> object:
-        saved, torch_nn.SMALL_CALL_OFF_CPU = torch_nn.SMALL_CALL_OFF_CPU, 0
+        saved = getattr(module, name)
+        setattr(module, name, value)
         try:
             return model(*args)
         finally:
-            torch_nn.SMALL_CALL_OFF_CPU = saved
+            setattr(module, name, saved)
 
     return run
+
+
+def _forced_activation(model: nn.Module) -> Callable[..., object]:
+    """Activation-route layers on their activations at any size (no per-call switch to W + ΔW)."""
+    from lora_anywhere.rules import torch_nn
+
+    return _patched(model, torch_nn, "SMALL_CALL_OFF_CPU", 0)
 
 
 def _one_block(model: nn.Module) -> Callable[..., object]:
-    """`model`'s forward with every fused Linear call forming its rank-r products in one
-    block of rows, as before `kernels.rank_blocks` (the backward follows the forward)."""
+    """Every fused Linear call forming its rank-r products in one block of rows, as before
+    `kernels.rank_blocks`."""
     from lora_anywhere import kernels
 
-    def run(*args: object) -> object:
-        saved, kernels.rank_blocks = kernels.rank_blocks, lambda *_: 1
-        try:
-            return model(*args)
-        finally:
-            kernels.rank_blocks = saved
-
-    return run
+    return _patched(model, kernels, "rank_blocks", lambda *_: 1)
 
 
 def bitfit(model: nn.Module) -> nn.Module:

@@ -68,12 +68,13 @@ class FusedLinearLoRA(torch.autograd.Function):
             gx = torch.mm(g, weight)
             gx.view(blocks, -1, gx.shape[1]).baddbmm_(gz.transpose(1, 2), a.expand(blocks, *a.shape), alpha=s)
             gx = gx.view(ctx.x_shape)
+        x2 = x.reshape(-1, x.shape[-1]) if x is not None else None
         if need_a:
-            ga = _block_sum(scaled_mm(gz, x.reshape(-1, x.shape[-1]).view(blocks, -1, x.shape[-1]), s))
+            ga = _block_sum(scaled_mm(gz, x2.view(blocks, -1, x2.shape[1]), s))
         if need_b:
             gb = _block_sum(scaled_mm(z, g_blocks, s)).t().contiguous()
         if need_w:
-            gw = torch.mm(g.t(), x.reshape(-1, x.shape[-1]))
+            gw = torch.mm(g.t(), x2)
         if need_bias and has_bias:
             gbias = g.sum(0)
         return gx, gw, gbias, ga, gb, None, None, None

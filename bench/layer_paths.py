@@ -44,8 +44,8 @@ LINEARS = [
     ("Swin-T stage 1 qkv 96→288", lambda: nn.Linear(96, 288), (8 * 3136, 96)),
     ("Swin-T stage 2 qkv 192→576", lambda: nn.Linear(192, 576), (8 * 784, 192)),
     ("wav2vec2 q 768→768", lambda: nn.Linear(768, 768), (8 * 49, 768)),
-    ("GCN 128→256", lambda: nn.Linear(128, 256), (20_000, 128)),
-    ("GCN 256→256", lambda: nn.Linear(256, 256), (20_000, 256)),
+    ("Linear 128→256 (GCN lin)", lambda: nn.Linear(128, 256), (20_000, 128)),
+    ("Linear 256→256 (GCN lin)", lambda: nn.Linear(256, 256), (20_000, 256)),
     ("Conformer FFN 80→256", lambda: nn.Linear(80, 256), (4 * 200, 80)),
 ]
 CONVS = [  # ResNet-50 at 160 px, batch 8: (in, out, kernel, stride, input size)
@@ -166,7 +166,7 @@ def main() -> None:
     routes = ["weight route", "activation, unfolded", "activation, folded"]
     lines = [
         f"One layer's forward + backward, median of {repeats} interleaved runs, relative to the frozen layer (input gradient only);"
-        f" the fastest LoRA route in bold; the last column is the route `auto` plans for the layer. {meta}",
+        f" the fastest LoRA route in bold; the last column is the route `auto` plans for the layer alone (a GCNConv keeps its `lin` on the weight route). {meta}",
         "",
         "| layer | frozen | " + " | ".join(names) + " | `auto` plans |",
         "|---|---|" + "---|" * len(names) + "---|",

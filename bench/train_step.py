@@ -6,6 +6,7 @@
     .venv/bin/python bench/train_step.py --device cuda --dtype bf16   # on a GPU, bf16 autocast
     .venv/bin/python bench/train_step.py --models gcn,gat --update   # rerun some rows of the table
     .venv/bin/python bench/train_step.py --one-block --out DIR   # also LoRA before `kernels.rank_blocks`
+    .venv/bin/python bench/train_step.py --linear-width 128 --out DIR   # also LoRA planned with another LINEAR_WIDTH
 
 Every contender is a copy of the same model in this one process; their steps are
 interleaved (one step of each, round after round) so that drifting machine load hits
@@ -232,6 +233,20 @@ def _one_block(model: nn.Module) -> Callable[..., object]:
     return _patched(model, kernels, "rank_blocks", lambda *_: 1)
 
 
+def _planned_with_linear_width(width: int, rank: int) -> Callable[[nn.Module], nn.Module]:
+    """`apply` with `rules.torch_nn.LINEAR_WIDTH` set to `width` while it plans the routes."""
+    from lora_anywhere.rules import torch_nn
+
+    def make(model: nn.Module) -> nn.Module:
+        saved, torch_nn.LINEAR_WIDTH = torch_nn.LINEAR_WIDTH, width
+        try:
+            return la.apply(model, rank=rank)
+        finally:
+            torch_nn.LINEAR_WIDTH = saved
+
+    return make
+
+
 def bitfit(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(p.dim() == 1)
@@ -263,6 +278,7 @@ class Setup:
     dtype: str = "fp32"
     compile: bool = False
     one_block: bool = False  # also LoRA with its rank-r products in one block of rows
+    linear_width: int | None = None  # also LoRA planned with this `LINEAR_WIDTH`
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device, dtype=torch.bfloat16) if self.dtype == "bf16" else contextlib.nullcontext()
@@ -292,6 +308,8 @@ def contenders(case: Case, rank: int, with_peft: bool, setup: Setup | None = Non
         makers["lora_anywhere, activation route"] = lambda m: la.apply(m, rank=rank, route="activation")
     if setup.one_block:
         makers["lora_anywhere, one block"] = lambda m: la.apply(m, rank=rank)
+    if setup.linear_width is not None:
+        makers[f"lora_anywhere, Linear width {setup.linear_width}"] = _planned_with_linear_width(setup.linear_width, rank)
     if with_peft:
         makers["PEFT LoRA"] = lambda m: peft_lora(m, rank)
     plan = [(name, make, False) for name, make in makers.items()]
@@ -529,13 +547,16 @@ def main() -> None:
     parser.add_argument(
         "--one-block", action="store_true", help="also LoRA with its Linears' rank-r products in one block of rows (as before rank_blocks)"
     )
+    parser.add_argument(
+        "--linear-width", type=int, default=None, help="also LoRA whose routes are planned with this LINEAR_WIDTH (an A/B of the width)"
+    )
     parser.add_argument("--no-inference", action="store_true")
     parser.add_argument("--inference-only", action="store_true", help="only the inference table (bench/results/inference.md)")
     parser.add_argument(
         "--update", action="store_true", help="replace only these models' rows in the results of the same settings (and --repeats)"
     )
     args = parser.parse_args()
-    setup = Setup(args.device, args.dtype, args.compile, args.one_block)
+    setup = Setup(args.device, args.dtype, args.compile, args.one_block, args.linear_width)
     stem = "train_step" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "")
     if args.plot_only:
         plot(json.loads((args.out / f"{stem}.json").read_text())["results"], args.out / f"{stem}.png")
@@ -564,6 +585,7 @@ def main() -> None:
         "dtype": args.dtype,
         "compile": args.compile,
         **({"one_block": True} if args.one_block else {}),
+        **({"linear_width": args.linear_width} if args.linear_width is not None else {}),
         "runs": args.runs,
     }
     if args.update:

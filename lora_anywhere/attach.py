@@ -26,7 +26,7 @@ from torch import nn
 from . import weight_cache
 from .adapter import LayerAdapter, Term
 from .errors import LoraError
-from .rule import Rule
+from .rule import has_layer_forward
 from .sharding import is_sharded, keep_sharded_class, may_be_sharded
 
 ADAPTERS = "lora_adapters"
@@ -143,10 +143,6 @@ def _layer_route_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             if out is not NotImplemented:
                 return out
     return _weight_route_forward(self, *args, **kwargs)
-
-
-def _has_layer_forward(rule: Rule) -> bool:
-    return type(rule).layer_forward is not Rule.layer_forward
 
 
 def _low_rank_parts(layer: nn.Module) -> dict[str, tuple[torch.Tensor, list[Term]]] | None:
@@ -316,7 +312,7 @@ def refresh(layer: nn.Module) -> None:
         names = tuple(sorted(tensors | ({"weight"} if forward else set())))
         if forward:
             kind, rule = FORWARD_ACTIVATION, next(a.activation_rule(owner_name) for a in live if owner_name in a.activation_owners)
-        elif owner_name == "" and live and _has_layer_forward(live[0].rule):
+        elif owner_name == "" and live and has_layer_forward(live[0].rule):
             kind, rule = FORWARD_LAYER, live[0].rule
         else:
             kind, rule = FORWARD_WEIGHT, None

@@ -407,7 +407,7 @@ def _plans_from_config(model: nn.Module, config: AdapterConfig, tensors: dict[st
         ranks = {t.name: record.targets[t.name].rank for t in resolved}
         # Both routes give the same numbers: keep the saved preference where possible.
         preference = "auto" if record.route == "mixed" else record.route
-        activation = activation_owners(preference, layer, resolved, max(ranks.values()))
+        activation = activation_owners(preference, layer, rule, resolved, max(ranks.values()))
         plans.append(LayerPlan(layer_name, layer, rule, resolved, ranks, record.scale, activation))
     return plans, problems
 

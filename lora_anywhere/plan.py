@@ -17,11 +17,12 @@ from . import attach
 from .adapter import ROUTE_ACTIVATION, ROUTE_WEIGHT, LayerAdapter, ResolvedTarget
 from .errors import LazyLayerError, LoraError, RankError, TargetError
 from .registry import registry
-from .rule import Rule
+from .rule import Rule, has_layer_forward
 from .selection import ALL, SelectorSet, compile_many, first_value
 from .state import adapted_layers, is_under
 
-ROUTES = ("auto", ROUTE_ACTIVATION, ROUTE_WEIGHT)
+ROUTE_AUTO = "auto"
+ROUTES = (ROUTE_AUTO, ROUTE_ACTIVATION, ROUTE_WEIGHT)
 #: "auto" for LoRA-FA, which is chosen for memory: the activation route wherever it
 #: saves memory (it then keeps no copy of the layer's input), else the faster route.
 ROUTE_LEAN = "lean"
@@ -173,7 +174,7 @@ def plan_layers(
         scale = float(layer_alpha) / (math.sqrt(layer_rank) if rslora else layer_rank)
         ranks_by_target = {t.name: min(layer_rank, t.full_rank) for t in resolved}
         plans.append(
-            LayerPlan(name, module, rule, resolved, ranks_by_target, scale, activation_owners(route, module, resolved, layer_rank))
+            LayerPlan(name, module, rule, resolved, ranks_by_target, scale, activation_owners(route, module, rule, resolved, layer_rank))
         )
 
     for selectors, seen, what in ((target_set, hits, "target"), (exclude_set, ex_hits, "exclude")):
@@ -228,13 +229,18 @@ def _match_and_count(selectors: SelectorSet, hits: dict[int, bool], name: str, m
     return selectors.match(name, module)
 
 
-def activation_owners(route: str, layer: nn.Module, targets: list[ResolvedTarget], rank: int) -> dict[str, Rule]:
-    """The modules below `layer` whose forward will add the adapter on the activations:
-    those whose targets are all their own `weight`, whose rule offers the activation
-    route for them, and (with route "auto") expects it to be the cheaper one, or (with
-    ROUTE_LEAN) to save memory. Forcing "activation" still leaves the others on the
-    weight route, which is always exact."""
-    if route == ROUTE_WEIGHT:
+def activation_owners(route: str, layer: nn.Module, rule: Rule, targets: list[ResolvedTarget], rank: int) -> dict[str, Rule]:
+    """The modules below `layer` (whose rule is `rule`) whose forward will add the
+    adapter on the activations: those whose targets are all their own `weight`, whose
+    rule offers the activation route for them, and (with route "auto") expects it to be
+    the cheaper one, or (with ROUTE_LEAN) to save memory. Forcing "activation" still
+    leaves the others on the weight route, which is always exact.
+
+    With "auto", a layer whose rule applies its adapters itself (`Rule.layer_forward`,
+    e.g. GCNConv's aggregation of the rank) keeps them all on the weight route, which
+    that needs: a child's own preference (a GCNConv's ``lin``, wide enough for the
+    activations) must not take away the layer's cheaper way."""
+    if route == ROUTE_WEIGHT or (route == ROUTE_AUTO and has_layer_forward(rule)):
         return {}
     reg = registry()
     by_owner: dict[str, list[ResolvedTarget]] = {}

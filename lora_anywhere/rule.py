@@ -93,7 +93,9 @@ class Rule:
         `parts` maps each adapted module below the layer (its path; "" is the layer) to
         its base weight and the live adapters' terms on it, as `forward` gets them. The
         core offers it only where every term can be applied on activations: plain LoRA,
-        no dropout, no per-sample batch, no shard. (GCNConv aggregates A's r channels
+        no dropout, no per-sample batch, no shard; with route "auto" a rule that has one
+        keeps every module below its layer on the weight route for it
+        (`plan.activation_owners`). (GCNConv aggregates A's r channels
         instead of its output's: on input features, which need no gradient, its
         backward then never runs the aggregation over the output's channels.)"""
         return NotImplemented
@@ -110,6 +112,12 @@ class Rule:
 
     def __repr__(self) -> str:
         return f"<rule {self.name}>"
+
+
+def has_layer_forward(rule: Rule) -> bool:
+    """Whether the rule applies a layer's adapters some cheaper way of its own
+    (overrides `Rule.layer_forward`)."""
+    return type(rule).layer_forward is not Rule.layer_forward
 
 
 def own_class(layer: nn.Module) -> type:

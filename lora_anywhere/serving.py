@@ -90,7 +90,7 @@ def _serving_plan(model: nn.Module, names: Sequence[str | None]) -> list[tuple[n
             plan.append((layer, {}))
             continue
         dora = [aname for aname in used if aname in adapters and adapters[aname].dora]
-        forced = activation_owners(ROUTE_ACTIVATION, layer, targets, 1)
+        forced = activation_owners(ROUTE_ACTIVATION, layer, next(iter(adapters.values())).rule, targets, 1)
         missing = sorted({t.owner or "itself" for t in targets if t.owner not in forced})
         if dora or missing:
             what = "DoRA adapters" if dora else f"{', '.join(missing)} (weight route only)"

@@ -501,10 +501,15 @@ def test_gcn_first_conv_aggregates_the_rank_and_later_convs_run_on_w_plus_delta(
 
 
 def test_gcn_convs_as_wide_as_the_benchmarks_keep_their_lin_on_w_plus_delta(monkeypatch) -> None:
-    # `auto` would train a Linear of this width (128 → 256) alone on its activations
-    # if LINEAR_WIDTH were lower, but the first conv's low-rank aggregation saves more
-    # (bench/train_step.py's GCN): a GCNConv's lin stays on W + ΔW.
-    model = la.apply(build_model("pyg:GCN", in_channels=128, num_layers=3, hidden_channels=256), rank=8)
+    # `auto` trains a Linear of this width (128 → 256) alone on its activations, but
+    # the first conv's low-rank aggregation saves more (bench/train_step.py's GCN): a
+    # GCNConv's lin stays on W + ΔW, and route="activation" still moves it.
+    from torch_geometric.nn.dense.linear import Linear as PygLinear
+
+    assert la.summary(la.apply(PygLinear(128, 256), rank=8)).rows[0].route == "activation"
+    gcn = build_model("pyg:GCN", in_channels=128, num_layers=3, hidden_channels=256)
+    assert {row.route for row in la.summary(la.apply(copy.deepcopy(gcn), rank=8, route="activation")).rows} == {"activation"}
+    model = la.apply(gcn, rank=8)
     assert {row.route for row in la.summary(model).rows} == {"weight"}
     randomize_adapters(model)
     seen = _same_training_step(model, monkeypatch, torch.randn(NODES, 128), G["edge_index"])

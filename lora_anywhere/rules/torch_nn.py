@@ -68,12 +68,12 @@ def wide_matrix(out: int, cols: int, width: int) -> bool:
     return out * cols > width * (out + cols)
 
 
-#: Linear layers train faster on activations above this width (ViT-S, wav2vec2) and
-#: on the weight route up to it (Conformer's 80 × 256): a Linear's weight gradient is
-#: one efficient GEMM. Alone, Linears down to width 72 (Swin-T's first stage, 96 × 288)
-#: train faster on activations too (bench/layer_paths.py), but a GCNConv's `lin` must
-#: stay on W + ΔW for the conv's low-rank aggregation, which saves more.
-LINEAR_WIDTH = 128
+#: Linear layers train faster on activations above this width (ViT-S, wav2vec2, Swin-T's
+#: first stage at 96 × 288: width 72) and on the weight route up to it (Conformer's
+#: 80 × 256: width 61): a Linear's weight gradient is one efficient GEMM
+#: (bench/layer_paths.py). A GCNConv's `lin` stays on W + ΔW whatever its width, for
+#: the conv's low-rank aggregation (`plan.activation_owners`).
+LINEAR_WIDTH = 64
 #: Ungrouped convs train faster on activations above this width (ResNet-50's 3×3
 #: convs and its stages 2–4) and on the weight route up to it (a 1×1 conv 64 → 64):
 #: a conv's weight gradient costs more than a GEMM of its size.

@@ -11,7 +11,8 @@ backward and AdamW's step (foreach, as on a GPU), under bf16 autocast as `bench/
 runs; the models and inputs are `bench/train_step.py`'s quick sizes. LoRA runs on each
 route for every layer: on a GPU, `route="auto"` trains these models' calls on the weight
 route (`SMALL_CALL_OFF_CPU`), so the weight route's column is what a GPU runs. Per
-adapted layer: (contender − BitFit floor) ÷ the adapted layers. Inference counts the
+adapted layer: (contender − BitFit floor) ÷ the adapted layers. A Linear's rank-r
+products run in one block of rows, as on a GPU (`kernels.rank_blocks`). Inference counts the
 second eval call without gradients of the unmerged model (the first forms what the
 layers keep). Writes bench/results/op_count.{md,json}.
 """
@@ -32,6 +33,7 @@ from torch import nn
 from train_step import Case, bitfit, cases, peft_lora
 
 import lora_anywhere as la
+from lora_anywhere import kernels
 from lora_anywhere.rules import torch_nn
 from lora_anywhere.testing import count_ops
 
@@ -177,6 +179,9 @@ def main() -> None:
     parser.add_argument("--update", action="store_true", help="replace only these models' rows in the results of the same settings")
     args = parser.parse_args()
     torch_nn.SMALL_CONV_CALL = 0  # each route as forced, not the CPU's per-call choice
+    # A Linear's rank-r products in one block of rows, as on a GPU (on the CPU they run
+    # in one block per thread, whose partial sums add an op per product).
+    kernels.rank_blocks = lambda *_: 1
     results = []
     for case in cases(True):
         if case.name in args.models.split(","):

@@ -56,21 +56,21 @@ class FusedLinearLoRA(torch.autograd.Function):
         s, fold, blocks, has_bias = ctx.conf
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         g = grad.reshape(-1, grad.shape[-1])
-        g_blocks = g.view(blocks, -1, g.shape[1])
+        g_blocks = _row_blocks(g, blocks)
         # The rank-r products are formed with r rows (r × N, r × out), never r
         # columns: same FLOPs, but BLAS runs the N × r and out × r shapes up to 5×
         # slower on the CPU (bench/skinny_matmul.py).
-        gz = per_sample_mm(b.t(), g_blocks.transpose(1, 2)) if need_a or (need_x and not fold) else None  # unscaled
+        gz = per_sample_mm(b.t(), g_blocks.transpose(-2, -1)) if need_a or (need_x and not fold) else None  # unscaled
         gx = gw = gbias = ga = gb = None
         if need_x and fold:
             gx = torch.mm(g, plus_low_rank(weight, b, a, s)).view(ctx.x_shape)
         elif need_x:
             gx = torch.mm(g, weight)
-            gx.view(blocks, -1, gx.shape[1]).baddbmm_(gz.transpose(1, 2), a.expand(blocks, *a.shape), alpha=s)
+            _add_product_(_row_blocks(gx, blocks), gz.transpose(-2, -1), a, s)
             gx = gx.view(ctx.x_shape)
         x2 = x.reshape(-1, x.shape[-1]) if x is not None else None
         if need_a:
-            ga = _block_sum(scaled_mm(gz, x2.view(blocks, -1, x2.shape[1]), s))
+            ga = _block_sum(scaled_mm(gz, _row_blocks(x2, blocks), s))
         if need_b:
             gb = _block_sum(scaled_mm(z, g_blocks, s)).t().contiguous()
         if need_w:
@@ -99,16 +99,31 @@ def _linear_forward(
     if fold and not keep_z:
         return y, None
     # A's projection with r rows, never r columns: see `FusedLinearLoRA.backward`.
-    z = per_sample_mm(a, x2.view(blocks, -1, x2.shape[1]).transpose(1, 2))  # (blocks, r, N / blocks)
+    z = per_sample_mm(a, _row_blocks(x2, blocks).transpose(-2, -1))  # r × N, or (blocks, r, N / blocks)
     if not fold:
-        b_t = b.t()
-        y2.view(blocks, -1, y2.shape[1]).baddbmm_(z.transpose(1, 2), b_t.expand(blocks, *b_t.shape), alpha=scale)
+        _add_product_(_row_blocks(y2, blocks), z.transpose(-2, -1), b.t(), scale)
     return y, z
 
 
+def _row_blocks(t: torch.Tensor, blocks: int) -> torch.Tensor:
+    """A matrix's rows as `blocks` equal blocks, (blocks, rows / blocks, cols); one block
+    is the matrix itself: its products run as plain matmuls, with four to five view ops
+    fewer per call than a batch of one (a few microseconds each: small calls, and a
+    GPU's host, feel them)."""
+    return t if blocks == 1 else t.view(blocks, -1, t.shape[-1])
+
+
+def _add_product_(y: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, alpha: float) -> None:
+    """``y += alpha · m1 @ m2`` in place, for a matrix y or a batch of them sharing m2."""
+    if y.dim() == 2:
+        y.addmm_(m1, m2, alpha=alpha)
+    else:
+        y.baddbmm_(m1, m2.expand(y.shape[0], *m2.shape), alpha=alpha)
+
+
 def _block_sum(t: torch.Tensor) -> torch.Tensor:
-    """The sum of a product's per-block terms (one block: the term itself, no copy)."""
-    return t[0] if t.shape[0] == 1 else t.sum(0)
+    """The sum of a product's per-block terms (a matrix, from one block: itself)."""
+    return t if t.dim() == 2 else t.sum(0)
 
 
 def _linear_output(*args: Any) -> tuple[torch.Tensor, None]:
@@ -354,10 +369,12 @@ def scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:
 
 def per_sample_mm(m: torch.Tensor, t: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """``m @ t[i]`` for every sample i of a (n, k, P) tensor, as one batched matmul
-    (times `scale` inside it, `scaled_mm`, where given). ``torch.matmul(m, t)`` would
-    fold the batch into the rows instead, which copies all of t transposed and then
-    its result back: on a 1×1 conv's input that copy cost more than the product itself
-    (bench/layer_paths.py)."""
+    (times `scale` inside it, `scaled_mm`, where given); a k × P matrix t gives m @ t.
+    ``torch.matmul(m, t)`` would fold the batch into the rows instead, which copies all
+    of t transposed and then its result back: on a 1×1 conv's input that copy cost more
+    than the product itself (bench/layer_paths.py)."""
+    if t.dim() == 2:
+        return torch.mm(m, t) if scale is None else scaled_mm(m, t, scale)
     batched = m.expand(t.shape[0], *m.shape)
     return torch.bmm(batched, t) if scale is None else scaled_mm(batched, t, scale)
 

@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 from results_file import merged_rows, write_results
@@ -202,16 +202,16 @@ def checkpoint_blocks(model: nn.Module, blocks: tuple[str, ...], keep: Callable[
     return model
 
 
-def _patched(model: nn.Module, module: object, name: str, value: object) -> Callable[..., object]:
-    """`model`'s forward with ``module.name`` set to `value` during the call: a per-call
-    choice of the library switched for one contender (the backward follows the
-    forward's choices)."""
+def _patched(fn: Callable[..., object], module: object, name: str, value: object) -> Callable[..., object]:
+    """`fn` with ``module.name`` set to `value` during each call: a choice of the library
+    switched for one contender, in its forward (the backward follows the forward's
+    choices) or in `apply` (which plans the routes)."""
 
     def run(*args: object) -> object:
         saved = getattr(module, name)
         setattr(module, name, value)
         try:
-            return model(*args)
+            return fn(*args)
         finally:
             setattr(module, name, saved)
 
@@ -237,14 +237,8 @@ def _planned_with_linear_width(width: int, rank: int) -> Callable[[nn.Module], n
     """`apply` with `rules.torch_nn.LINEAR_WIDTH` set to `width` while it plans the routes."""
     from lora_anywhere.rules import torch_nn
 
-    def make(model: nn.Module) -> nn.Module:
-        saved, torch_nn.LINEAR_WIDTH = torch_nn.LINEAR_WIDTH, width
-        try:
-            return la.apply(model, rank=rank)
-        finally:
-            torch_nn.LINEAR_WIDTH = saved
-
-    return make
+    # `apply` returns the model it adapted: the switched call does too.
+    return cast(Callable[[nn.Module], nn.Module], _patched(lambda model: la.apply(model, rank=rank), torch_nn, "LINEAR_WIDTH", width))
 
 
 def bitfit(model: nn.Module) -> nn.Module:

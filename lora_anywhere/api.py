@@ -15,7 +15,7 @@ from . import attach
 from .adapter import LayerAdapter
 from .adapter_config import NAME, AdapterConfig, LayerRecord, TargetRecord
 from .errors import AlreadyAdaptedError, LoraError, NotAdaptedError, TargetError
-from .plan import ROUTE_LEAN, ROUTE_WEIGHT, ROUTES, LayerPlan, adaptable_summary, check_rank, plan_layers, resolve_trainable
+from .plan import ROUTE_AUTO, ROUTE_LEAN, ROUTE_WEIGHT, ROUTES, LayerPlan, adaptable_summary, check_rank, plan_layers, resolve_trainable
 from .sharding import ADD_BEFORE_SHARDING, MERGE_SHARDED, refuse_sharded
 from .state import ModelState, adapted_layers, is_under, model_state, remember_base, restore_base, set_model_state, unwrap
 from .version import __version__
@@ -56,7 +56,7 @@ def _route_option(route: str | None, path: str | None) -> str:
     """`path=` is the old name of `route=` (kept so existing calls keep working)."""
     if path is not None and route is not None and path != route:
         raise LoraError(f"route={route!r} and path={path!r} disagree; path is the old name of route, give only route")
-    return route if route is not None else (path if path is not None else "auto")
+    return route if route is not None else (path if path is not None else ROUTE_AUTO)
 
 
 def apply(
@@ -117,7 +117,7 @@ def apply(
             "or call lora_anywhere.remove(model) first"
         )
     trainable_names = resolve_trainable(model, trainable)
-    planned_route = ROUTE_WEIGHT if dora else (ROUTE_LEAN if freeze_a and route == "auto" else route)
+    planned_route = ROUTE_WEIGHT if dora else (ROUTE_LEAN if freeze_a and route == ROUTE_AUTO else route)
     plans = plan_layers(
         model, rank=rank, alpha=alpha, targets=targets, exclude=exclude, ranks=ranks, alphas=alphas, route=planned_route,
         skip=set(trainable_names), rank_given=rank_given, rslora=rslora,

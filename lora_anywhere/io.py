@@ -37,7 +37,7 @@ from .adapter_config import FORMAT, AdapterConfig, TargetRecord
 from .api import check_model, check_name, install, remove
 from .atomic import atomic_dir, recover
 from .errors import AdapterFileError, AlreadyAdaptedError, LoraError, NotAdaptedError, ShapeMismatchError
-from .plan import LayerPlan, activation_owners, resolve_targets
+from .plan import ROUTE_AUTO, LayerPlan, activation_owners, resolve_targets
 from .registry import registry
 from .sharding import ADD_BEFORE_SHARDING, gathered, refuse_sharded, reshard, write_on_one_rank
 from .state import base_tensors, changed_buffers, is_under, model_state, trainable_modules, under_any, unwrap
@@ -406,7 +406,7 @@ def _plans_from_config(model: nn.Module, config: AdapterConfig, tensors: dict[st
             continue
         ranks = {t.name: record.targets[t.name].rank for t in resolved}
         # Both routes give the same numbers: keep the saved preference where possible.
-        preference = "auto" if record.route == "mixed" else record.route
+        preference = ROUTE_AUTO if record.route == "mixed" else record.route
         activation = activation_owners(preference, layer, rule, resolved, max(ranks.values()))
         plans.append(LayerPlan(layer_name, layer, rule, resolved, ranks, record.scale, activation))
     return plans, problems

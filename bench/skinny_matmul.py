@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+from interleaved import group_medians
 from results_file import write_results
 
 from lora_anywhere.kernels import per_sample_mm, rank_blocks
@@ -61,12 +60,6 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).reshape(t.shape[1], -1).t() if t.dim() == 3 else t
 
 
-def timed(fn: Callable[[], torch.Tensor]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
@@ -80,22 +73,7 @@ def main() -> None:
         for product, ways in products(n, cols, out).items():
             for way in ways[1:]:
                 torch.testing.assert_close(as_rows(way()), ways[0](), rtol=1e-4, atol=1e-3)
-            groups: dict[str, list[float]] = {w: [] for w in WAYS}
-            for _ in range(args.runs):
-                times: dict[str, list[float]] = {w: [] for w in WAYS}
-                for _ in range(repeats):
-                    for w, fn in zip(WAYS, ways):
-                        times[w].append(timed(fn))
-                for k, v in times.items():
-                    groups[k].append(statistics.median(v))
-            row = {
-                "shape": label,
-                "product": product,
-                **{
-                    k: {"median_ms": 1000 * statistics.median(v), "min_ms": 1000 * min(v), "max_ms": 1000 * max(v)}
-                    for k, v in groups.items()
-                },
-            }
+            row = {"shape": label, "product": product, **group_medians(dict(zip(WAYS, ways)), args.runs, repeats)}
             rows.append(row)
             print(f"{label:<32} {product:<26}", "  ".join(f"{w} {row[w]['median_ms']:.3f} ms" for w in WAYS), flush=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(), "python": sys.version.split()[0]}

@@ -7,6 +7,7 @@
     .venv/bin/python bench/train_step.py --models gcn,gat --update   # rerun some rows of the table
     .venv/bin/python bench/train_step.py --one-block --out DIR   # also LoRA before `kernels.rank_blocks`
     .venv/bin/python bench/train_step.py --linear-width 128 --out DIR   # also LoRA planned with another LINEAR_WIDTH
+    .venv/bin/python bench/train_step.py --native-depthwise --out DIR   # also LoRA with torch's depthwise weight gradient
 
 Every contender is a copy of the same model in this one process; their steps are
 interleaved (one step of each, round after round) so that drifting machine load hits
@@ -233,6 +234,13 @@ def _one_block(model: nn.Module) -> Callable[..., object]:
     return _patched(model, kernels, "rank_blocks", lambda *_: 1)
 
 
+def _native_depthwise(model: nn.Module) -> Callable[..., object]:
+    """Depthwise convs' weight gradients formed by torch's own conv, as before `lora_anywhere.depthwise`."""
+    from lora_anywhere import depthwise
+
+    return _patched(model, depthwise, "applies", lambda *_: False)
+
+
 def _planned_with_linear_width(width: int, rank: int) -> Callable[[nn.Module], nn.Module]:
     """`apply` with `rules.torch_nn.LINEAR_WIDTH` set to `width` while it plans the routes."""
     from lora_anywhere.rules import torch_nn
@@ -273,6 +281,7 @@ class Setup:
     compile: bool = False
     one_block: bool = False  # also LoRA with its rank-r products in one block of rows
     linear_width: int | None = None  # also LoRA planned with this `LINEAR_WIDTH`
+    native_depthwise: bool = False  # also LoRA with torch's own depthwise weight gradients
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device, dtype=torch.bfloat16) if self.dtype == "bf16" else contextlib.nullcontext()
@@ -302,6 +311,8 @@ def contenders(case: Case, rank: int, with_peft: bool, setup: Setup | None = Non
         makers["lora_anywhere, activation route"] = lambda m: la.apply(m, rank=rank, route="activation")
     if setup.one_block:
         makers["lora_anywhere, one block"] = lambda m: la.apply(m, rank=rank)
+    if setup.native_depthwise:
+        makers["lora_anywhere, native depthwise"] = lambda m: la.apply(m, rank=rank)
     if setup.linear_width is not None:
         makers[f"lora_anywhere, Linear width {setup.linear_width}"] = _planned_with_linear_width(setup.linear_width, rank)
     if with_peft:
@@ -314,7 +325,11 @@ def contenders(case: Case, rank: int, with_peft: bool, setup: Setup | None = Non
         try:
             model = make(copy.deepcopy(base)).to(setup.device).train()
             params = [p for p in model.parameters() if p.requires_grad]
-            wrap = {"lora_anywhere, activation route": _forced_activation, "lora_anywhere, one block": _one_block}.get(name)
+            wrap = {
+                "lora_anywhere, activation route": _forced_activation,
+                "lora_anywhere, one block": _one_block,
+                "lora_anywhere, native depthwise": _native_depthwise,
+            }.get(name)
             run = torch.compile(model) if compiled else (wrap(model) if wrap else model)
             out.append(Contender(name, model, optimizer=torch.optim.AdamW(params, lr=1e-4), run=run))
         except Exception as exc:  # PEFT refuses some layers: report, don't crash
@@ -544,13 +559,18 @@ def main() -> None:
     parser.add_argument(
         "--linear-width", type=int, default=None, help="also LoRA whose routes are planned with this LINEAR_WIDTH (an A/B of the width)"
     )
+    parser.add_argument(
+        "--native-depthwise",
+        action="store_true",
+        help="also LoRA with its depthwise convs' weight gradients formed by torch's own conv (as before lora_anywhere.depthwise)",
+    )
     parser.add_argument("--no-inference", action="store_true")
     parser.add_argument("--inference-only", action="store_true", help="only the inference table (bench/results/inference.md)")
     parser.add_argument(
         "--update", action="store_true", help="replace only these models' rows in the results of the same settings (and --repeats)"
     )
     args = parser.parse_args()
-    setup = Setup(args.device, args.dtype, args.compile, args.one_block, args.linear_width)
+    setup = Setup(args.device, args.dtype, args.compile, args.one_block, args.linear_width, args.native_depthwise)
     stem = "train_step" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "")
     if args.plot_only:
         plot(json.loads((args.out / f"{stem}.json").read_text())["results"], args.out / f"{stem}.png")
@@ -580,6 +600,7 @@ def main() -> None:
         "compile": args.compile,
         **({"one_block": True} if args.one_block else {}),
         **({"linear_width": args.linear_width} if args.linear_width is not None else {}),
+        **({"native_depthwise": True} if args.native_depthwise else {}),
         "runs": args.runs,
     }
     if args.update:

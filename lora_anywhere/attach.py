@@ -26,7 +26,6 @@ from torch import nn
 from . import weight_cache
 from .adapter import LayerAdapter, Term
 from .errors import LoraError
-from .rule import has_layer_forward
 from .sharding import is_sharded, keep_sharded_class, may_be_sharded
 
 ADAPTERS = "lora_adapters"
@@ -312,7 +311,7 @@ def refresh(layer: nn.Module) -> None:
         names = tuple(sorted(tensors | ({"weight"} if forward else set())))
         if forward:
             kind, rule = FORWARD_ACTIVATION, next(a.activation_rule(owner_name) for a in live if owner_name in a.activation_owners)
-        elif owner_name == "" and live and has_layer_forward(live[0].rule):
+        elif owner_name == "" and live and live[0].rule.offers_layer_forward(layer):
             kind, rule = FORWARD_LAYER, live[0].rule
         else:
             kind, rule = FORWARD_WEIGHT, None

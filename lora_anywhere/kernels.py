@@ -421,6 +421,8 @@ def explicit_padding(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, list[in
     dims = len(layer.kernel_size)
     if layer.padding_mode != "zeros":
         return F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), [0] * dims
+    if layer.padding == "valid":
+        return x, [0] * dims
     if layer.padding != "same":
         return x, list(layer.padding)
     total = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]

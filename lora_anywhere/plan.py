@@ -17,7 +17,7 @@ from . import attach
 from .adapter import ROUTE_ACTIVATION, ROUTE_WEIGHT, LayerAdapter, ResolvedTarget
 from .errors import LazyLayerError, LoraError, RankError, TargetError
 from .registry import registry
-from .rule import Rule, has_layer_forward
+from .rule import Rule
 from .selection import ALL, SelectorSet, compile_many, first_value
 from .state import adapted_layers, is_under
 
@@ -240,7 +240,7 @@ def activation_owners(route: str, layer: nn.Module, rule: Rule, targets: list[Re
     e.g. GCNConv's aggregation of the rank) keeps them all on the weight route, which
     that needs: a child's own preference (a GCNConv's ``lin``, wide enough for the
     activations) must not take away the layer's cheaper way."""
-    if route == ROUTE_WEIGHT or (route == ROUTE_AUTO and has_layer_forward(rule)):
+    if route == ROUTE_WEIGHT or (route == ROUTE_AUTO and rule.offers_layer_forward(layer)):
         return {}
     reg = registry()
     by_owner: dict[str, list[ResolvedTarget]] = {}

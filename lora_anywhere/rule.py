@@ -100,6 +100,14 @@ class Rule:
         backward then never runs the aggregation over the output's channels.)"""
         return NotImplemented
 
+    def offers_layer_forward(self, layer: nn.Module) -> bool:
+        """Whether `layer_forward` may run this layer's training calls: wherever the
+        rule overrides it, unless the rule narrows it to the layers of its type that
+        its cheaper way suits (ConvRule: depthwise convs with large kernels). Only
+        such a layer takes the core's layer forward and the veto of
+        `plan.activation_owners`."""
+        return type(self).layer_forward is not Rule.layer_forward
+
     def stacks_samples(self, layer: nn.Module) -> bool:
         """Whether `forward` takes the adapters of a per-sample batch as one stacked
         term, applying ``term.mask_ranks`` to A's output before B (faster than one
@@ -112,12 +120,6 @@ class Rule:
 
     def __repr__(self) -> str:
         return f"<rule {self.name}>"
-
-
-def has_layer_forward(rule: Rule) -> bool:
-    """Whether the rule applies a layer's adapters some cheaper way of its own
-    (overrides `Rule.layer_forward`)."""
-    return type(rule).layer_forward is not Rule.layer_forward
 
 
 def own_class(layer: nn.Module) -> type:

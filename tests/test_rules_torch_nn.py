@@ -45,8 +45,8 @@ def convs(draw):
     stride = draw(st.integers(1, 2))
     dilation = draw(st.integers(1, 2))
     mode = draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"]))
-    padding = draw(st.sampled_from(["same", 0, 1])) if stride == 1 else draw(st.sampled_from([0, 1]))
-    if mode != "zeros" and padding == 0:
+    padding = draw(st.sampled_from(["same", "valid", 0, 1])) if stride == 1 else draw(st.sampled_from(["valid", 0, 1]))
+    if mode != "zeros" and padding in (0, "valid"):
         padding = 1
     conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
     size = 7 if dims < 3 else 5

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import weight_cache
+from .. import depthwise, weight_cache
 from ..hookspecs import hookimpl
 from ..kernels import conv_lora, conv_positions, linear_lora, linear_rows, many_rows, one_position
 from ..rule import Rule, Target
@@ -164,6 +164,16 @@ class ConvRule(Rule):
 
     def stacks_samples(self, layer: nn.Module) -> bool:
         return layer.groups == 1
+
+    def offers_layer_forward(self, layer: nn.Module) -> bool:
+        return self.supports_activation(layer) and depthwise.slow_nchw_weight_grad(layer)
+
+    def layer_forward(self, layer, parts, *args, **kwargs):  # type: ignore[override]
+        # A depthwise conv on W + ΔW, as the weight route runs it, with the weight
+        # gradient on channels_last copies where oneDNN forms it faster (`depthwise`).
+        if kwargs or len(args) != 1 or not depthwise.applies(layer, args[0]):
+            return NotImplemented
+        return depthwise.conv(layer, args[0], layer.weight)
 
     def forward(self, layer, weight, terms, x):  # type: ignore[override]
         g = layer.groups

@@ -101,6 +101,14 @@ def cases(quick: bool | str) -> list[Case]:
             ("features",),
         ),
         Case(
+            "convnext_tiny",
+            lambda: torchvision.models.convnext_tiny(num_classes=10),
+            lambda: (torch.randn(batch, 3, px, px),),
+            _classify,
+            f"{px} px, batch {batch}",
+            ("features",),
+        ),
+        Case(
             "vit_small",
             lambda: timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=10, img_size=vit_px),
             lambda: (torch.randn(batch, 3, vit_px, vit_px),),
@@ -542,7 +550,7 @@ def main() -> None:
     parser.add_argument(
         "--models",
         default=None,
-        help="comma-separated subset of: resnet50, mobilenet_v3_large, vit_small, swin_tiny, wav2vec2_base, conformer, gcn, gat, lstm_tagger",
+        help="comma-separated subset of: resnet50, mobilenet_v3_large, convnext_tiny, vit_small, swin_tiny, wav2vec2_base, conformer, gcn, gat, lstm_tagger",
     )
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--rank", type=int, default=8)

@@ -351,9 +351,11 @@ def plus_low_rank(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: floa
     """W + scale·B·A in W's shape, as one addmm: the op `merge_block` runs in place, so
     merged, unmerged and folded calls agree to the bit. A 2-D W is not reshaped: one op
     less per call, which small layers feel."""
-    if w.dim() == 2 and a.dim() == 2:
+    if a.dim() != 2:  # a conv's A as a kernel (the fused conv's backward)
+        a = a.reshape(a.shape[0], -1)
+    if w.dim() == 2:
         return torch.addmm(w, b, a, alpha=scale)
-    return torch.addmm(w.reshape(b.shape[0], -1), b, a.reshape(a.shape[0], -1), alpha=scale).view(w.shape)
+    return torch.addmm(w.reshape(b.shape[0], -1), b, a, alpha=scale).view(w.shape)
 
 
 def scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import lora_anywhere as la
-from lora_anywhere import sharding
+from lora_anywhere import depthwise, sharding
 from lora_anywhere.rules import torch_nn
 from lora_anywhere.testing import tensors_of
 
@@ -92,6 +92,11 @@ def grouped_convs() -> nn.Module:
     )
 
 
+def large_depthwise() -> nn.Module:
+    """A 5×5 depthwise conv: its weight gradient takes channels_last copies (`depthwise`)."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 5, padding=2, groups=8), nn.Flatten(), nn.LazyLinear(4))
+
+
 def cases() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], Any], dict[str, Any], str | None]]:
     """name → (build the base model, make its inputs, apply options, block units)."""
     g = torch.Generator().manual_seed(1)
@@ -101,6 +106,7 @@ def cases() -> dict[str, tuple[Callable[[], nn.Module], Callable[[], Any], dict[
         "linear-weight": (mlp, lambda: torch.randn(6, 8, generator=g), {"route": "weight"}, None),
         "conv-bn-gru": (ConvGruNet, lambda: torch.randn(4, 4, 10, generator=g), {"route": "activation", "trainable": ["head"]}, None),
         "grouped-convs": (grouped_convs, lambda: torch.randn(2, 3, 6, 6, generator=g), {"route": "activation"}, None),
+        "large-depthwise": (large_depthwise, lambda: torch.randn(2, 3, 6, 6, generator=g), {}, None),
         "embedding-lstm-mha": (Tagger, lambda: torch.randint(0, 20, (3, 7), generator=g), {"rank": 3}, None),
         "tied-embedding": (TiedLM, lambda: torch.randint(0, 20, (3, 7), generator=g), {}, None),
         "transformer-layer": (
@@ -198,6 +204,18 @@ def units_of(model: nn.Module, blocks: str | None) -> list[nn.Module] | None:
     return None if blocks is None else list(model.get_submodule(blocks))[::-1]
 
 
+def channels_last_grads(run: Callable[[], None]) -> int:
+    """How many depthwise weight gradients `run` formed on channels_last copies."""
+    calls: list[int] = []
+    formed = depthwise._channels_last_weight_grad
+    depthwise._channels_last_weight_grad = lambda *args: calls.append(1) or formed(*args)
+    try:
+        run()
+    finally:
+        depthwise._channels_last_weight_grad = formed
+    return len(calls)
+
+
 def check(name: str, build: Callable[[], nn.Module], make_inputs: Callable[[], Any], options: dict[str, Any], blocks: str | None, out: Path) -> dict[str, Any]:  # fmt: skip
     inputs = make_inputs()
     rank = options.pop("rank", 2)
@@ -213,7 +231,7 @@ def check(name: str, build: Callable[[], nn.Module], make_inputs: Callable[[], A
         "trained_sharded": all(sharding.is_sharded(p) for p in model.parameters() if p.requires_grad),
         "units": len(units_of(model, blocks) or sharding.shard_units(single)),
     }
-    train(model, inputs)
+    report["channels_last_grads"] = channels_last_grads(lambda: train(model, inputs))
     train(single, inputs)
     report["output_diff"] = max_diff(outputs(model, inputs), outputs(single, inputs))
 

@@ -20,6 +20,7 @@ CASES = [
     "linear-weight",
     "conv-bn-gru",
     "grouped-convs",
+    "large-depthwise",
     "embedding-lstm-mha",
     "tied-embedding",
     "transformer-layer",
@@ -56,6 +57,8 @@ def test_sharded_training_equals_training_alone(reports: list[dict], case: str) 
         assert report["merged_diff"] < 1e-5
         refusals = (report["merge_sharded_refused"], report["apply_sharded_refused"], report["load_sharded_refused"])
         assert refusals == ("ShardingError",) * 3
+        # A 5×5 depthwise conv forms its weight gradient on channels_last copies, sharded too.
+        assert (report["channels_last_grads"] > 0) == (case == "large-depthwise")
 
 
 def test_a_failed_save_raises_on_every_rank_and_writes_nothing(reports: list[dict]) -> None:

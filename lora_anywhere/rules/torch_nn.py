@@ -133,7 +133,10 @@ class ConvRule(Rule):
     On activations, A is a conv with the layer's own geometry (``layer._conv_forward``
     applies padding_mode, padding, stride, dilation and groups exactly as the layer
     does) and g·r output channels; B is a grouped 1×1 conv. Ungrouped convs with one
-    adapter and no dropout run as one autograd function (`kernels.py`).
+    adapter and no dropout run as one autograd function (`kernels.py`). Grouped convs
+    train on W + ΔW; on the CPU a 2-D depthwise conv with a kernel of 16 taps or more
+    forms that weight gradient on channels_last copies (`layer_forward`,
+    `lora_anywhere.depthwise`), which oneDNN runs faster.
     """
 
     def __init__(self, base: type) -> None:

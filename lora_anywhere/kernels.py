@@ -20,6 +20,8 @@ from typing import Any, Sequence
 import torch
 from torch.nn import functional as F
 
+from .errors import LoraError
+
 _conv_backward = torch.ops.aten.convolution_backward.default
 
 
@@ -54,6 +56,8 @@ class FusedLinearLoRA(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, a, b, z = ctx.saved_tensors
         s, fold, blocks, has_bias = ctx.conf
+        if torch.is_grad_enabled():  # create_graph=True
+            return recorded_backward(ctx, grad, lambda x, w, a, b: F.linear(x, w) + F.linear(F.linear(x, a), b) * s, x, weight, a, b, -1)
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         g = grad.reshape(-1, grad.shape[-1])
         g_blocks = _row_blocks(g, blocks)
@@ -128,6 +132,41 @@ def _block_sum(t: torch.Tensor) -> torch.Tensor:
 
 def _linear_output(*args: Any) -> tuple[torch.Tensor, None]:
     return _linear_forward(*args, keep_z=False)[0], None
+
+
+def recorded_backward(
+    ctx: Any,
+    grad: torch.Tensor,
+    plain: Any,
+    x: torch.Tensor | None,
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    channel_dim: int,
+) -> tuple[Any, ...]:
+    """The gradients of a fused function (arguments x, weight, bias, A, B, …) for a
+    backward with ``create_graph=True`` — a gradient penalty, a second-order method —
+    as autograd forms them from `plain(x, weight, A, B)`, the function without its bias
+    in differentiable ops, on the saved inputs: with a graph of their own. The fused
+    backward forms them from tensors saved without one (A's output z), which a second
+    backward would take for constants. `channel_dim` is the output's channel dimension."""
+    if x is None:
+        raise LoraError(
+            "a backward with create_graph=True reached a layer adapted with a frozen A (LoRA-FA) on the activation route, "
+            "which keeps no copy of its input to differentiate through; apply with route='weight' for such a use"
+        )
+    needs = ctx.needs_input_grad
+    wanted = [(i, t) for i, t in ((0, x), (1, weight), (3, a), (4, b)) if needs[i]]
+    grads: list[Any] = [None] * len(needs)
+    if wanted:
+        with torch.enable_grad():
+            out = plain(x, weight, a, b)
+        found = torch.autograd.grad(out, [t for _, t in wanted], grad, create_graph=True)
+        for (i, _), g in zip(wanted, found):
+            grads[i] = g
+    if needs[2]:  # the bias's: the output gradient summed over all but the channels
+        grads[2] = grad.sum([d for d in range(grad.dim()) if d != channel_dim % grad.dim()])
+    return tuple(grads)
 
 
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
@@ -238,19 +277,27 @@ class FusedConvLoRA(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float,
                 fold: bool, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:  # fmt: skip
         y, z = _conv_forward(x, weight, bias, a, b, scale, fold, stride, padding, dilation)
-        a_kernel = a.view(a.shape[0], *weight.shape[1:])
         keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
-        ctx.save_for_backward(x if keep_x else None, weight, a_kernel, b, z)
+        ctx.save_for_backward(x if keep_x else None, weight, a, b, z)
         ctx.x_shape = x.shape
         ctx.conf = (scale, fold, list(stride), list(padding), list(dilation), bias is not None)
         return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, a_kernel, b, z = ctx.saved_tensors
+        x, weight, a, b, z = ctx.saved_tensors
         scale, fold, stride, padding, dilation, has_bias = ctx.conf
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         dims = weight.dim() - 2
+        if torch.is_grad_enabled():  # create_graph=True
+            conv, ones = _CONV[dims], [1] * dims
+
+            def plain(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+                z = conv(x, a.view(a.shape[0], *w.shape[1:]), None, stride, padding, dilation)
+                return conv(x, w, None, stride, padding, dilation) + conv(z, b.view(*b.shape, *ones)) * scale
+
+            return recorded_backward(ctx, grad, plain, x, weight, a, b, 1)
+        a_kernel = a.view(a.shape[0], *weight.shape[1:])
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         n, out, r = grad.shape[0], weight.shape[0], a_kernel.shape[0]
         g_rows, z_rows = channel_rows(grad), channel_rows(z)
         rows_layout = g_rows is not None and z_rows is not None  # channels_last; r rows, as in FusedLinearLoRA

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .kernels import autocast_dtype, explicit_padding
+from .kernels import autocast_dtype, explicit_padding, transformed
 
 _conv_backward = torch.ops.aten.convolution_backward.default
 
@@ -41,13 +41,15 @@ def slow_nchw_weight_grad(layer: nn.Module) -> bool:
 
 def applies(layer: nn.Module, x: Any) -> bool:
     """Whether this call takes the channels_last weight gradient: a batched NCHW
-    input on the CPU, outside a compiled graph (which plans its own backward)."""
+    input on the CPU, outside a compiled graph (which plans its own backward) and
+    torch.func's transforms (which need plain ops)."""
     return (
         isinstance(x, torch.Tensor)
         and x.device.type == "cpu"
         and x.dim() == len(layer.kernel_size) + 2
         and x.is_contiguous()
         and not torch.compiler.is_compiling()
+        and not transformed()
     )
 
 

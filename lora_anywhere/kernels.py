@@ -57,7 +57,7 @@ class FusedLinearLoRA(torch.autograd.Function):
         x, weight, a, b, z = ctx.saved_tensors
         s, fold, blocks, has_bias = ctx.conf
         if torch.is_grad_enabled():  # create_graph=True
-            return recorded_backward(ctx, grad, lambda x, w, a, b: F.linear(x, w) + F.linear(F.linear(x, a), b) * s, x, weight, a, b, -1)
+            return recorded_backward(ctx, grad, lambda x, w, a, b: unfused_linear(x, w, None, a, b, s), x, weight, a, b, -1)
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         g = grad.reshape(-1, grad.shape[-1])
         g_blocks = _row_blocks(g, blocks)
@@ -209,9 +209,37 @@ def _run(function: Any, plain: Any, args: tuple) -> torch.Tensor:
 def linear_lora(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float
 ) -> torch.Tensor:
+    if transformed():
+        return unfused_linear(x, weight, bias, a, b, scale)
     rows = linear_rows(x)
     fold = folds_delta(x, "matmul", rows, *weight.shape)
     return _apply(FusedLinearLoRA, _linear_output, x, weight, bias, a, b, rest=(scale, fold, rank_blocks(x, rows)))
+
+
+def unfused_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``x Wᵀ + bias + s·(x Aᵀ) Bᵀ`` in plain differentiable ops: what `FusedLinearLoRA` computes."""
+    return F.linear(x, weight, bias) + F.linear(F.linear(x, a), b) * scale
+
+
+def unfused_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float,
+                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:  # fmt: skip
+    """The base conv plus s·B(A(x)) in plain differentiable ops (A a conv with the
+    layer's geometry, B a 1×1 conv): what `FusedConvLoRA` computes."""
+    conv, ones = _CONV[weight.dim() - 2], [1] * (weight.dim() - 2)
+    z = conv(x, a.view(a.shape[0], *weight.shape[1:]), None, stride, padding, dilation)
+    return conv(x, weight, bias, stride, padding, dilation) + conv(z, b.view(*b.shape, *ones)) * scale
+
+
+#: Whether a torch.func transform (grad, vmap, jacrev, functional per-sample
+#: gradients…) is running: it needs its functions in plain ops, which it knows how to
+#: transform, not an autograd function that would need a rule of its own per transform.
+_functorch_stack = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None)
+
+
+def transformed() -> bool:
+    return _functorch_stack() is not None
 
 
 #: The fewest rows a block of `rank_blocks` holds.
@@ -289,11 +317,9 @@ class FusedConvLoRA(torch.autograd.Function):
         scale, fold, stride, padding, dilation, has_bias = ctx.conf
         dims = weight.dim() - 2
         if torch.is_grad_enabled():  # create_graph=True
-            conv, ones = _CONV[dims], [1] * dims
 
             def plain(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-                z = conv(x, a.view(a.shape[0], *w.shape[1:]), None, stride, padding, dilation)
-                return conv(x, w, None, stride, padding, dilation) + conv(z, b.view(*b.shape, *ones)) * scale
+                return unfused_conv(x, w, None, a, b, scale, stride, padding, dilation)
 
             return recorded_backward(ctx, grad, plain, x, weight, a, b, 1)
         a_kernel = a.view(a.shape[0], *weight.shape[1:])
@@ -493,6 +519,9 @@ def conv_lora(layer: Any, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor
         y = linear_lora(x.reshape(n, -1), weight.reshape(weight.shape[0], -1), layer.bias, a, b, scale).view(n, -1, *ones)
         return y.squeeze(0) if unbatched else y
     x, padding = explicit_padding(layer, x)
+    if transformed():
+        y = unfused_conv(x, weight, layer.bias, a, b, scale, list(layer.stride), padding, list(layer.dilation))
+        return y.squeeze(0) if unbatched else y
     fold = folds_delta(x, "conv", conv_positions(layer, x), weight.shape[0], weight[0].numel())
     conf = (scale, fold, list(layer.stride), padding, list(layer.dilation))
     y = _apply(FusedConvLoRA, _conv_output, x, weight, layer.bias, a, b, rest=conf)

@@ -1,0 +1,75 @@
+"""torch.func's transforms over adapted models — per-sample gradients (vmap over grad,
+as differentially private training computes them), vmapped inference, Jacobians —
+on every route: under a transform the fused functions run as plain ops, which the
+transforms know how to handle."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jacrev, vmap
+
+import lora_anywhere as la
+from lora_anywhere.testing import randomize_adapters
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 5, padding=2, groups=8),  # depthwise: channels_last weight gradient outside transforms
+        nn.Conv2d(8, 8, 1),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 70),
+        nn.Tanh(),
+        nn.Linear(70, 3),
+    )
+
+
+@pytest.fixture(params=["auto", "activation", "weight"])
+def adapted(request) -> nn.Module:
+    model = la.apply(_model(), rank=2, route=request.param)
+    randomize_adapters(model, seed=1)
+    return model
+
+
+def _loss(model: nn.Module, params: dict, x: torch.Tensor) -> torch.Tensor:
+    return functional_call(model, params, (x.unsqueeze(0),)).pow(2).sum()
+
+
+def test_per_sample_gradients_match_one_backward_per_sample(adapted):
+    x = torch.randn(4, 3, 6, 6)
+    params = {n: p.detach() for n, p in adapted.named_parameters() if p.requires_grad}
+    per_sample = vmap(grad(lambda p, xi: _loss(adapted, p, xi)), in_dims=(None, 0))(params, x)
+    for i in range(x.shape[0]):
+        adapted.zero_grad()
+        adapted(x[i : i + 1]).pow(2).sum().backward()
+        for name, p in adapted.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")  # noqa: B023
+
+
+def test_vmapped_inference_and_jacobians(adapted):
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        expected = adapted(x)
+        mapped = vmap(lambda xi: adapted(xi.unsqueeze(0)).squeeze(0))(x)
+    torch.testing.assert_close(mapped, expected, rtol=1e-5, atol=1e-5)
+    jacobian = jacrev(lambda xi: adapted(xi.unsqueeze(0)).squeeze(0))(x[0])
+    assert jacobian.shape == (3, 3, 6, 6)
+    # The Jacobian's rows are the input gradients of each output: one backward each.
+    xi = x[:1].clone().requires_grad_(True)
+    (row,) = torch.autograd.grad(adapted(xi)[0, 1], xi)
+    torch.testing.assert_close(jacobian[1], row[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_adapted_and_merged_stays_transformable():
+    model = la.apply(_model(), rank=2)
+    randomize_adapters(model, seed=2)
+    merged = la.merge(copy.deepcopy(model))
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(vmap(lambda xi: merged(xi.unsqueeze(0)))(x).squeeze(1), model(x), rtol=1e-4, atol=1e-5)

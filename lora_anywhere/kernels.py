@@ -18,6 +18,7 @@ import math
 from typing import Any, Sequence
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 from torch.nn import functional as F
 
 from .errors import LoraError
@@ -232,14 +233,15 @@ def unfused_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return conv(x, weight, bias, stride, padding, dilation) + conv(z, b.view(*b.shape, *ones)) * scale
 
 
-#: Whether a torch.func transform (grad, vmap, jacrev, functional per-sample
-#: gradients…) is running: it needs its functions in plain ops, which it knows how to
-#: transform, not an autograd function that would need a rule of its own per transform.
 _functorch_stack = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None)
 
 
 def transformed() -> bool:
-    return _functorch_stack() is not None
+    """Whether a torch.func transform (grad, vmap, jacrev, jvp: per-sample gradients…)
+    or forward-mode AD (`torch.autograd.forward_ad`) is running: they need plain ops,
+    which they know how to transform, not an autograd function, which would need a
+    rule of its own for each (vmap, jvp)."""
+    return _functorch_stack() is not None or getattr(_forward_ad, "_current_level", -1) >= 0
 
 
 #: The fewest rows a block of `rank_blocks` holds.

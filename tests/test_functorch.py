@@ -1,7 +1,7 @@
 """torch.func's transforms over adapted models — per-sample gradients (vmap over grad,
 as differentially private training computes them), vmapped inference, Jacobians —
-on every route: under a transform the fused functions run as plain ops, which the
-transforms know how to handle."""
+and forward-mode AD, on every route: under them the fused functions run as plain ops,
+which the transforms know how to handle."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.autograd import forward_ad
+from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 import lora_anywhere as la
 from lora_anywhere.testing import randomize_adapters
@@ -73,3 +74,16 @@ def test_a_model_adapted_and_merged_stays_transformable():
     merged = la.merge(copy.deepcopy(model))
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(vmap(lambda xi: merged(xi.unsqueeze(0)))(x).squeeze(1), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_forward_mode_derivatives_match_the_jacobian(adapted):
+    """A directional derivative by forward-mode AD (dual tensors, and torch.func.jvp)
+    equals the Jacobian applied to the direction."""
+    x, direction = torch.randn(1, 3, 6, 6), torch.randn(1, 3, 6, 6)
+    with forward_ad.dual_level():
+        tangent = forward_ad.unpack_dual(adapted(forward_ad.make_dual(x, direction))).tangent
+    _, by_jvp = jvp(adapted, (x,), (direction,))
+    jacobian = jacrev(lambda xi: adapted(xi))(x)  # (1, 3) + x's shape
+    expected = (jacobian * direction).flatten(2).sum(-1)
+    torch.testing.assert_close(tangent, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(by_jvp, expected, rtol=1e-4, atol=1e-5)

@@ -40,12 +40,16 @@ def slow_nchw_weight_grad(layer: nn.Module) -> bool:
 
 
 def applies(layer: nn.Module, x: Any) -> bool:
-    """Whether this call takes the channels_last weight gradient: a batched NCHW
-    input on the CPU, outside a compiled graph (which plans its own backward) and
-    torch.func's transforms (which need plain ops)."""
+    """Whether this call takes the channels_last weight gradient: a batched NCHW input
+    on the CPU, computed in float32 (in bf16, fp16 and float64 the copies were 3.5–7×
+    slower, `bench/results/depthwise_grad.md`; autocast computes convs in bf16 or
+    fp16), outside a compiled graph (which plans its own backward) and torch.func's
+    transforms (which need plain ops)."""
     return (
         isinstance(x, torch.Tensor)
         and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and autocast_dtype("cpu") is None
         and x.dim() == len(layer.kernel_size) + 2
         and x.is_contiguous()
         and not torch.compiler.is_compiling()
@@ -55,15 +59,9 @@ def applies(layer: nn.Module, x: Any) -> bool:
 
 def conv(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``layer``'s conv of `x` with `weight` (W + ΔW), its weight gradient formed in
-    channels_last. Under autocast the inputs are cast as autocast would cast them."""
+    channels_last (where `applies`)."""
     x, padding = explicit_padding(layer, x)
-    conf = (list(layer.stride), padding, list(layer.dilation), layer.groups)
-    dtype = autocast_dtype("cpu")
-    if dtype is None:
-        return ChannelsLastWeightGradConv.apply(x, weight, layer.bias, *conf)
-    cast = [t.to(dtype) if t is not None else None for t in (x, weight, layer.bias)]
-    with torch.autocast("cpu", enabled=False):
-        return ChannelsLastWeightGradConv.apply(*cast, *conf)
+    return ChannelsLastWeightGradConv.apply(x, weight, layer.bias, list(layer.stride), padding, list(layer.dilation), layer.groups)
 
 
 class ChannelsLastWeightGradConv(torch.autograd.Function):

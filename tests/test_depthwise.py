@@ -172,18 +172,23 @@ def test_other_calls_run_the_layers_own_forward(case, taken):
     assert not taken
 
 
-def test_autocast_gives_the_weight_routes_numbers(taken, monkeypatch):
+@pytest.mark.parametrize("case", ["bf16", "fp16", "float64", "bf16 autocast"])
+def test_other_dtypes_and_autocast_keep_torchs_weight_gradient(case, taken):
+    """Measured faster in float32 only: in bf16, fp16 and float64 the copies were slower,
+    and autocast computes the conv in bf16."""
     model = la.apply(nn.Conv2d(6, 6, 5, padding=2, groups=6), rank=2)
     randomize_adapters(model, seed=4)
     x = torch.randn(2, 6, 10, 10)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast, native = _both_ways(model, x, monkeypatch)
-    assert fast[0].dtype == native[0].dtype == torch.bfloat16
-    torch.testing.assert_close(fast[0], native[0], rtol=0, atol=0)
-    for name in fast[1]:
-        assert fast[1][name].dtype == native[1][name].dtype
-        torch.testing.assert_close(fast[1][name], native[1][name], rtol=2e-2, atol=2e-2)
-    assert taken
+    if case == "bf16 autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        assert out.dtype == torch.bfloat16
+    else:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "float64": torch.float64}[case]
+        out = model.to(dtype)(x.to(dtype))
+    out.float().sum().backward()
+    assert model.lora_adapters.default.factors.weight.B.grad is not None
+    assert not taken
 
 
 def test_activation_checkpointing(taken, monkeypatch):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .kernels import autocast_dtype, explicit_padding, transformed
+from .kernels import autocast_dtype, explicit_padding, plain_ops_only
 
 _conv_backward = torch.ops.aten.convolution_backward.default
 
@@ -44,7 +44,7 @@ def applies(layer: nn.Module, x: Any) -> bool:
     on the CPU, computed in float32 (in bf16, fp16 and float64 the copies were 3.5–7×
     slower, `bench/results/depthwise_grad.md`; autocast computes convs in bf16 or
     fp16), outside a compiled graph (which plans its own backward) and torch.func's
-    transforms (which need plain ops)."""
+    transforms and torch.export (which need plain ops)."""
     return (
         isinstance(x, torch.Tensor)
         and x.device.type == "cpu"
@@ -53,7 +53,7 @@ def applies(layer: nn.Module, x: Any) -> bool:
         and x.dim() == len(layer.kernel_size) + 2
         and x.is_contiguous()
         and not torch.compiler.is_compiling()
-        and not transformed()
+        and not plain_ops_only()
     )
 
 

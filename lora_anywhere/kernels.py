@@ -210,7 +210,7 @@ def _run(function: Any, plain: Any, args: tuple) -> torch.Tensor:
 def linear_lora(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    if transformed():
+    if plain_ops_only():
         return unfused_linear(x, weight, bias, a, b, scale)
     rows = linear_rows(x)
     fold = folds_delta(x, "matmul", rows, *weight.shape)
@@ -236,12 +236,16 @@ def unfused_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 _functorch_stack = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", lambda: None)
 
 
-def transformed() -> bool:
-    """Whether a torch.func transform (grad, vmap, jacrev, jvp: per-sample gradients…)
-    or forward-mode AD (`torch.autograd.forward_ad`) is running: they need plain ops,
-    which they know how to transform, not an autograd function, which would need a
-    rule of its own for each (vmap, jvp)."""
-    return _functorch_stack() is not None or getattr(_forward_ad, "_current_level", -1) >= 0
+_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def plain_ops_only() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, jvp: per-sample gradients…),
+    forward-mode AD (`torch.autograd.forward_ad`) or `torch.export` is running: they
+    need plain ops, which they know how to transform or trace, not an autograd function
+    (which would need a rule of its own for each of vmap and jvp, and whose `out=`
+    products export refuses)."""
+    return _functorch_stack() is not None or getattr(_forward_ad, "_current_level", -1) >= 0 or _exporting()
 
 
 #: The fewest rows a block of `rank_blocks` holds.
@@ -521,7 +525,7 @@ def conv_lora(layer: Any, x: torch.Tensor, weight: torch.Tensor, a: torch.Tensor
         y = linear_lora(x.reshape(n, -1), weight.reshape(weight.shape[0], -1), layer.bias, a, b, scale).view(n, -1, *ones)
         return y.squeeze(0) if unbatched else y
     x, padding = explicit_padding(layer, x)
-    if transformed():
+    if plain_ops_only():
         y = unfused_conv(x, weight, layer.bias, a, b, scale, list(layer.stride), padding, list(layer.dilation))
         return y.squeeze(0) if unbatched else y
     fold = folds_delta(x, "conv", conv_positions(layer, x), weight.shape[0], weight[0].numel())

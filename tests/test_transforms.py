@@ -1,7 +1,7 @@
 """torch.func's transforms over adapted models — per-sample gradients (vmap over grad,
 as differentially private training computes them), vmapped inference, Jacobians —
-and forward-mode AD, on every route: under them the fused functions run as plain ops,
-which the transforms know how to handle."""
+forward-mode AD and torch.export, on every route: under them the fused functions run
+as plain ops, which they know how to transform or trace."""
 
 from __future__ import annotations
 
@@ -87,3 +87,26 @@ def test_forward_mode_derivatives_match_the_jacobian(adapted):
     expected = (jacobian * direction).flatten(2).sum(-1)
     torch.testing.assert_close(tangent, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(by_jvp, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("route", ["auto", "activation", "weight"])
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_an_unmerged_model_exports(route, strict):
+    """torch.export traces the adapters as they are (no merge needed first), and the
+    exported program computes what the model does. Few rows on large Linears keep them
+    on the activations, where the fused function would have been traced into the
+    program with its `out=` products, which refuse to run where gradients are on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.Conv2d(16, 16, 5, padding=2, groups=16),
+        nn.Flatten(),
+        nn.Linear(16 * 16 * 16, 100),
+        nn.Linear(100, 200),
+    )
+    la.apply(model, rank=2, route=route)
+    randomize_adapters(model, seed=1)
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    program = torch.export.export(model, (x,), strict=strict)
+    torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)  # grad on, as a user calls it

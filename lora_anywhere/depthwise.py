@@ -3,7 +3,7 @@
 On the CPU, oneDNN forms the weight gradient of a 2-D depthwise conv with a 5×5 or
 7×7 kernel over NCHW tensors 1.4–8× slower than over channels_last copies of the same
 tensors, copying included: EfficientNet-B0's 5×5 conv of 240 channels at 28² (batch
-8) took 54 ms against 10 ms, ConvNeXt-T's first 7×7 conv 150 ms against 31 ms
+8) took 54 ms against 11 ms, ConvNeXt-T's first 7×7 conv 163 ms against 33 ms
 (`bench/results/depthwise_grad.md`; 3×3 kernels, which it has a fast path for, are
 1.7–2.7× faster as they are). MobileNetV3, EfficientNet and ConvNeXt train their
 depthwise convs on W + ΔW (their activation route is an unfused loop over groups), so

@@ -100,6 +100,7 @@ def measure(model: nn.Module, case: Case, inputs: tuple, device: str, dtype: tor
     autocast = torch.autocast(device, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     def loss() -> torch.Tensor:
+        torch.manual_seed(0)  # wav2vec2-base skips random layers in training (LayerDrop): the same ones for every contender
         with autocast:
             return case.loss(model(*inputs))
 

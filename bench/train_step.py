@@ -382,6 +382,10 @@ def run_case(case: Case, rank: int, repeats: int, with_peft: bool, setup: Setup 
         # Each round starts with the next contender, so none always runs right after
         # the same neighbour (big graph steps showed order effects of up to 25 %).
         for c in live[round_ % len(live) :] + live[: round_ % len(live)]:
+            # The same random draws for every contender in a round: wav2vec2-base skips
+            # random layers in training (LayerDrop), about 1 in 10, so unpaired draws
+            # would move one contender's step against another's by that much.
+            torch.manual_seed(round_)
             c.times.append(step(c, case, inputs, setup))
     medians = {c.name: statistics.median(c.times) for c in live}
     rows = {}

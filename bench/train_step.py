@@ -8,6 +8,7 @@
     .venv/bin/python bench/train_step.py --one-block --out DIR   # also LoRA before `kernels.rank_blocks`
     .venv/bin/python bench/train_step.py --linear-width 128 --out DIR   # also LoRA planned with another LINEAR_WIDTH
     .venv/bin/python bench/train_step.py --native-depthwise --out DIR   # also LoRA with torch's depthwise weight gradient
+    .venv/bin/python bench/train_step.py --inference-only --batch 1   # unmerged inference one sample per call (serving)
 
 Every contender is a copy of the same model in this one process; their steps are
 interleaved (one step of each, round after round) so that drifting machine load hits
@@ -74,8 +75,10 @@ SIZES = {
 }
 
 
-def cases(quick: bool | str) -> list[Case]:
-    """The benchmark models at the sizes `quick` names (True: "quick", False: "full")."""
+def cases(quick: bool | str, batch_size: int | None = None) -> list[Case]:
+    """The benchmark models at the sizes `quick` names (True: "quick", False: "full"),
+    with `batch_size` samples per call in place of the size's where given (Swin-T takes
+    half, at least one; the graphs stay whole)."""
     import timm
     import torchaudio
     import torchvision
@@ -83,6 +86,10 @@ def cases(quick: bool | str) -> list[Case]:
 
     size = SIZES[quick if isinstance(quick, str) else ("quick" if quick else "full")]
     px, vit_px, seconds, nodes, edges, batch, audio = (size[k] for k in ("px", "vit_px", "seconds", "nodes", "edges", "batch", "audio"))
+    utterances, sentences = 4, 16
+    if batch_size is not None:
+        batch = audio = utterances = sentences = batch_size
+    windows = max(1, batch // 2)
     return [
         Case(
             "resnet50",
@@ -119,9 +126,9 @@ def cases(quick: bool | str) -> list[Case]:
         Case(
             "swin_tiny",
             lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, img_size=vit_px),
-            lambda: (torch.randn(batch // 2, 3, vit_px, vit_px),),
+            lambda: (torch.randn(windows, 3, vit_px, vit_px),),
             _classify,
-            f"{vit_px} px, batch {batch // 2}",
+            f"{vit_px} px, batch {windows}",
             ("layers.0.blocks", "layers.1.blocks", "layers.2.blocks", "layers.3.blocks"),
         ),
         Case(
@@ -135,9 +142,9 @@ def cases(quick: bool | str) -> list[Case]:
         Case(
             "conformer",
             lambda: ConformerClassifier(),
-            lambda: (torch.randn(4, 200, 80), torch.full((4,), 200)),
+            lambda: (torch.randn(utterances, 200, 80), torch.full((utterances,), 200)),
             _classify,
-            "4 × 200 frames",
+            f"{utterances} × 200 frames",
             ("encoder.conformer_layers",),
         ),
         Case(
@@ -157,7 +164,11 @@ def cases(quick: bool | str) -> list[Case]:
             ("convs",),
         ),
         Case(
-            "lstm_tagger", lambda: LSTMTagger(), lambda: (torch.randint(0, 5000, (16, 64)),), _classify, "2-layer BiLSTM 256, 16×64 tokens"
+            "lstm_tagger",
+            lambda: LSTMTagger(),
+            lambda: (torch.randint(0, 5000, (sentences, 64)),),
+            _classify,
+            f"2-layer BiLSTM 256, {sentences}×64 tokens",
         ),
     ]
 
@@ -531,19 +542,29 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _batch_suffix(args: argparse.Namespace) -> str:
+    return "" if args.batch is None else f"_batch{args.batch}"
+
+
 def inference_only(selected: list[Case], args: argparse.Namespace, repeats: int, setup: Setup) -> None:
     results = []
     for case in selected:
         print(f"== {case.name} ({case.note})", flush=True)
         results.append({"case": case.name, "note": case.note, "inference": inference(case, args.rank, repeats, setup, args.runs)})
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype, "runs": args.runs}
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": args.device,
+        "dtype": args.dtype,
+        "runs": args.runs,
+        **({"batch": args.batch} if args.batch is not None else {}),
+    }
     text = (
         f"Inference (eval, no grad): median of {repeats} interleaved rounds relative to the base model's median, with the "
         f"range of the medians of {args.runs} groups of rounds, and the time of `apply`. {meta}\n\n" + inference_markdown(results) + "\n"
     )
-    write_results(
-        args.out, "inference" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else ""), meta, results, text
-    )
+    stem = "inference" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "") + _batch_suffix(args)
+    write_results(args.out, stem, meta, results, text)
     print(text)
 
 
@@ -576,6 +597,9 @@ def main() -> None:
         action="store_true",
         help="also LoRA with its depthwise convs' weight gradients formed by torch's own conv (as before lora_anywhere.depthwise)",
     )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="samples per call of the image, audio and text models (serving: 1); the graphs stay whole"
+    )
     parser.add_argument("--no-inference", action="store_true")
     parser.add_argument("--inference-only", action="store_true", help="only the inference table (bench/results/inference.md)")
     parser.add_argument(
@@ -583,12 +607,14 @@ def main() -> None:
     )
     args = parser.parse_args()
     setup = Setup(args.device, args.dtype, args.compile, args.one_block, args.linear_width, args.native_depthwise)
-    stem = "train_step" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "")
+    stem = "train_step" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "") + _batch_suffix(args)
     if args.plot_only:
         plot(json.loads((args.out / f"{stem}.json").read_text())["results"], args.out / f"{stem}.png")
         return
     repeats = args.repeats or (5 if args.quick else 15)
-    selected = [c for c in cases("gpu" if args.gpu_sizes else args.quick) if not args.models or c.name in args.models.split(",")]
+    selected = [
+        c for c in cases("gpu" if args.gpu_sizes else args.quick, args.batch) if not args.models or c.name in args.models.split(",")
+    ]
     if args.inference_only:
         inference_only(selected, args, repeats, setup)
         return
@@ -613,6 +639,7 @@ def main() -> None:
         **({"one_block": True} if args.one_block else {}),
         **({"linear_width": args.linear_width} if args.linear_width is not None else {}),
         **({"native_depthwise": True} if args.native_depthwise else {}),
+        **({"batch": args.batch} if args.batch is not None else {}),
         "runs": args.runs,
     }
     if args.update:

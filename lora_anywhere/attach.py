@@ -92,7 +92,10 @@ def _kept_tensor(owner: nn.Module, tensor: str) -> torch.Tensor:
             inputs += adapter.inputs_of(owner_name, tensor)
     value = weight_cache.kept(owner, tensor, inputs)
     if value is None:
-        value = effective_tensor(owner, tensor)
+        # Formed outside inference mode, where a tensor gets no version counter: the
+        # check that nobody changed it in place needs one.
+        with torch.inference_mode(False), torch.no_grad():
+            value = effective_tensor(owner, tensor)
         weight_cache.keep(owner, tensor, inputs, value)
     return value
 
@@ -102,9 +105,11 @@ def _adapted_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     adapters = [a for a in layer._modules[ADAPTERS].values() if a.live and owner_name in a.activation_owners]
     grad, no_dropout = torch.is_grad_enabled(), not any(a.dropout_active for a in adapters)
     # No gradient to pay for: the layer's own forward reads W + ΔW (the property),
-    # formed once while the weight is kept (`weight_cache`). Asked first: it is every
-    # call of an unmerged model's evaluation after the first.
-    if not grad and no_dropout and weight_cache.holds(self):
+    # formed at the first call and kept (`weight_cache`), so every later call costs
+    # what the base layer's does, whatever its rows; ``s·B(A(x))`` on the activations
+    # would add its products to each call (one sample a call: 1.08-1.36× the base's
+    # time on the benchmark models, `bench/train_step.py --inference-only --batch 1`).
+    if not grad and no_dropout and (weight_cache.holds(self) or weight_cache.usable()):
         return type(self).__lora_base__.forward(self, *args, **kwargs)
     if grad:
         weight_cache.drop(self)

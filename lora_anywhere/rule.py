@@ -62,11 +62,11 @@ class Rule:
         return True
 
     def weight_cheaper_without_grad(self, layer: nn.Module, weight: torch.Tensor, *args: Any, **kwargs: Any) -> bool:
-        """For a call under ``no_grad`` (inference, evaluation): whether forming
-        W + ΔW once and running the layer's own forward costs less than adding
-        ``s·B(A(x))`` on every row of these inputs. `weight` is the raw base tensor.
-        Without a weight gradient to pay for, the weight route wins as soon as the
-        layer sees enough rows, so an unmerged model evaluates at nearly base speed."""
+        """For a call under ``no_grad`` where nothing can be kept (inside a compiled
+        graph, in a process group): whether forming W + ΔW for this call and running
+        the layer's own forward costs less than adding ``s·B(A(x))`` on every row of
+        these inputs. `weight` is the raw base tensor. Without a weight gradient to pay
+        for, the weight route wins as soon as the layer sees enough rows."""
         return False
 
     def weight_cheaper_with_grad(self, layer: nn.Module, weight: torch.Tensor, rank: int, *args: Any, **kwargs: Any) -> bool:

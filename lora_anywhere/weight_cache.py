@@ -2,8 +2,10 @@
 
 Without a gradient to pay for, an unmerged layer runs fastest on the weight it would
 have after merging; forming that weight on every call costs a pass over W per layer,
-which small batches and GPUs (where the host issues every kernel) feel most. So the
-first no-grad call of a layer keeps what it formed, and later calls reuse it as long
+and adding A's and B's products on the activations instead costs extra products on
+every call, which small batches and GPUs (where the host issues every kernel) feel
+most. So the first no-grad call of a layer, whatever its rows, keeps what it formed
+(outside inference mode, whose tensors carry no version), and later calls reuse it as long
 as every tensor it was formed from is the same object, in the same storage, at the
 same version, with the same gradient — an optimizer step, a load, `.to()` or any
 in-place change forms it again, and a changed adapter set (merge, disable, remove)
@@ -38,18 +40,6 @@ def usable() -> bool:
     if torch.compiler.is_compiling():
         return False
     return not (_DISTRIBUTED and dist.is_initialized())
-
-
-#: A weight this small is kept at its first no-grad call whatever rows the call has
-#: (the Linear and conv rules ask `worth_keeping`): forming it once costs less than a
-#: few calls' A and B terms on the activations, whose fixed cost per call is what
-#: small layers feel, and its copy is at most 256 KB in fp32.
-SMALL_WEIGHT = 1 << 16
-
-
-def worth_keeping(weight: torch.Tensor) -> bool:
-    """Whether a no-grad call should run on a kept W + ΔW, however few its rows."""
-    return weight.numel() <= SMALL_WEIGHT and usable()
 
 
 def _fingerprint(inputs: Sequence[torch.Tensor]) -> tuple | None:

@@ -409,10 +409,10 @@ def test_activation_path_never_builds_the_weight_delta(layer, x, monkeypatch):
     ],
 )
 def test_inference_takes_the_weight_path_when_it_is_cheaper(layer, many, few, monkeypatch):
-    """Under no_grad an activation-route layer forms W + ΔW once when it sees enough
-    rows (no weight gradient to pay for); on few rows it keeps A and B. Both exact.
-    (These weights are small enough to be kept at any rows: not here.)"""
-    monkeypatch.setattr(la.weight_cache, "SMALL_WEIGHT", 0)
+    """Under no_grad, where nothing can be kept across calls (as in a process group),
+    an activation-route layer forms W + ΔW for a call that sees enough rows (no weight
+    gradient to pay for); on few rows it adds A and B. Both exact."""
+    monkeypatch.setattr(la.weight_cache, "usable", lambda: False)
     model = la.apply(layer(), rank=2, path="activation")
     randomize_adapters(model)
     built = []
@@ -517,7 +517,8 @@ def test_conv_on_unbatched_inputs(layer, x):
 )
 def test_a_conv_over_one_position_runs_as_a_linear(conv, shape, monkeypatch):
     """Squeeze-excitation convs (1×1 kernel, one position) run the fused Linear call, in
-    training and without gradients, with the weight route's numbers."""
+    training and without gradients where no W + ΔW can be kept, with the weight route's
+    numbers."""
     from lora_anywhere import kernels
 
     calls = []
@@ -531,6 +532,7 @@ def test_a_conv_over_one_position_runs_as_a_linear(conv, shape, monkeypatch):
     torch.manual_seed(0)
     model = la.apply(factory(), rank=3, route="activation").eval()
     randomize_adapters(model, seed=1)
+    monkeypatch.setattr(la.weight_cache, "usable", lambda: False)  # as in a process group
     with torch.no_grad():
         unmerged = model(x)
         assert calls

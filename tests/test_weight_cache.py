@@ -173,34 +173,53 @@ def test_to_frees_it():
     assert holders(model) == []
 
 
-def test_few_rows_take_the_activation_route_and_keep_nothing():
-    """However often it repeats: a layer that kept W + ΔW from its second call on would
-    give the first call and the later ones different bits (the two routes round
-    differently), and the same call twice must give the same output."""
+@pytest.mark.parametrize(
+    ("layer", "x"),
+    [
+        (lambda: nn.Linear(512, 512), torch.randn(1, 512)),
+        (lambda: nn.Conv2d(128, 128, 3, padding=1), torch.randn(1, 128, 2, 2)),
+        (lambda: nn.Conv2d(512, 256, 1), torch.randn(2, 512, 1, 1)),  # squeeze-excitation
+        (lambda: nn.Embedding(1000, 64), torch.tensor([[3]])),
+    ],
+    ids=["Linear", "Conv2d", "Conv2d over one position", "Embedding"],
+)
+def test_one_row_keeps_the_merged_weight_from_the_first_call(layer, x, monkeypatch):
+    """A call of one sample (serving) on a large weight: forming W + ΔW costs more than
+    A and B on its rows, once, and then nothing for every later call; and every call,
+    the first included, gives the merged model's bits."""
+    torch.manual_seed(0)
+    model = la.apply(nn.Sequential(layer()), rank=4, route="activation").eval()
+    randomize_adapters(model, seed=2)
+    merged = la.merge(copy.deepcopy(model))
+    with torch.no_grad():
+        first, second, expected = model(x), model(x), merged(x)
+    assert holders(model) == [model[0]]
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    formed = []
+    real = attach.effective_tensor
+    monkeypatch.setattr(attach, "effective_tensor", lambda *a, **k: formed.append(k) or real(*a, **k))
+    with torch.no_grad():
+        model(x)
+    assert formed == []
+
+
+def test_without_keeping_few_rows_take_the_activation_route(monkeypatch):
+    """Where nothing can be kept (a compiled graph, a process group) a call of few rows
+    adds A and B on its activations, and the same call twice gives the same bits."""
     torch.manual_seed(0)
     model = la.apply(nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 512)), rank=4).eval()
     randomize_adapters(model, seed=2)
     x = torch.randn(1, 512)
-    with torch.no_grad():
-        first, second, third = model(x), model(x), model(x)
-    assert holders(model) == []
-    assert torch.equal(first, second) and torch.equal(second, third)
-
-
-def test_small_weights_are_kept_whatever_the_rows(monkeypatch):
-    """Forming a small W + ΔW once beats the activation route's A and B on every call,
-    even with one row (MobileNetV3's squeeze-excitation convs)."""
-    torch.manual_seed(0)
-    model = la.apply(nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 64)), rank=4, route="activation").eval()
-    randomize_adapters(model, seed=1)
-    x = torch.randn(1, 512)
+    monkeypatch.setattr(weight_cache, "usable", lambda: False)
+    formed = []
+    real = attach.effective_tensor
+    monkeypatch.setattr(attach, "effective_tensor", lambda *a, **k: formed.append(k) or real(*a, **k))
     with torch.no_grad():
         first, second = model(x), model(x)
-    assert holders(model) == [model[1]]
-    with monkeypatch.context() as patch, torch.no_grad():
-        patch.setattr(weight_cache, "usable", lambda: False)
-        torch.testing.assert_close(first, model(x))
+    assert holders(model) == []
+    assert all(k == {"include_activation": False} for k in formed)  # only the raw base weight is read
     assert torch.equal(first, second)
+    torch.testing.assert_close(first, la.merge(copy.deepcopy(model))(x), rtol=1e-5, atol=1e-5)
 
 
 def test_never_copied_pickled_or_saved(tmp_path):
@@ -221,7 +240,9 @@ def test_inference_mode_and_no_grad_agree(monkeypatch):
     model = adapted()
     with torch.inference_mode():
         first = model(TOKENS)
+        kept = len(holders(model))
         second = model(TOKENS)
+    assert kept >= 5  # formed outside inference mode, so that it can be checked and kept
     assert torch.equal(first, second)
     assert torch.equal(first, evaluate(model))
     assert torch.equal(first, uncached(model, monkeypatch))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import depthwise, weight_cache
+from .. import depthwise
 from ..hookspecs import hookimpl
 from ..kernels import conv_lora, conv_positions, linear_lora, linear_rows, many_rows, one_position
 from ..rule import Rule, Target
@@ -38,7 +38,7 @@ class LinearRule(Rule):
         return wide_matrix(out_features, in_features, LINEAR_WIDTH)
 
     def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
-        return many_rows(linear_rows(x), *weight.shape) or weight_cache.worth_keeping(weight)
+        return many_rows(linear_rows(x), *weight.shape)
 
     def weight_cheaper_with_grad(self, layer, weight, rank, x):  # type: ignore[override]
         return small_training_call(x, linear_rows(x), *weight.shape, rank, conv=False)
@@ -158,7 +158,7 @@ class ConvRule(Rule):
     def weight_cheaper_without_grad(self, layer, weight, x):  # type: ignore[override]
         if one_position(layer, x):  # the fused call is a matmul, the layer's own a slower conv
             return False
-        return many_rows(conv_positions(layer, x), weight.shape[0], weight[0].numel()) or weight_cache.worth_keeping(weight)
+        return many_rows(conv_positions(layer, x), weight.shape[0], weight[0].numel())
 
     def weight_cheaper_with_grad(self, layer, weight, rank, x):  # type: ignore[override]
         if x.device.type == "cpu" and one_position(layer, x):

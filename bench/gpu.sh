@@ -4,7 +4,7 @@
 # PEFT; eager also with the activation route forced), CUDA peak memory (with and without
 # activation checkpointing), unmerged and merged inference (eager), the fixed cost per
 # adapted layer, each layer shape on each route, per-sample serving, and unmerged
-# inference at small batches (few rows a call: the activation terms). Each stage has
+# inference at one sample a call (serving: where host work per layer shows). Each stage has
 # its own time limit, so a slow one costs only its share; results go to
 # bench/results/gpu_*.
 #
@@ -46,7 +46,7 @@ if [ "$DEVICE" = cpu ]; then # the dry run: every benchmark once, smallest sizes
   stage memory 300 "$PY" bench/memory.py --device cpu --dtype "$DTYPE" $SIZES --models gcn --no-peft --out "$OUT"
   stage overhead 120 "$PY" bench/overhead.py --device cpu --quick --runs 1 --out "$OUT"
   stage serving 300 "$PY" bench/serving.py --device cpu --dtype "$DTYPE" --quick --models vit_small --adapters 2 --batch 4 --repeats 1 --out "$OUT"
-  stage inference-small 300 "$PY" bench/train_step.py --device cpu --dtype "$DTYPE" --quick --inference-only --models vit_small --repeats 1 --runs 1 --out "$OUT"
+  stage inference-small 300 "$PY" bench/train_step.py --device cpu --dtype "$DTYPE" --quick --inference-only --batch 1 --models vit_small --repeats 1 --runs 1 --out "$OUT"
 else
   [ -n "${GPU_SKIP_TESTS:-}" ] || stage tests 60 "$PY" -m pytest -q "$TESTS"  # GPU_SKIP_TESTS=1 on a rerun
   stage train-step 110 "$PY" bench/train_step.py --device cuda --dtype bf16 $SIZES --repeats $REPEATS --runs 3 \
@@ -61,14 +61,14 @@ else
   stage layer-paths 40 "$PY" bench/layer_paths.py --device cuda --dtype bf16 --batch-scale 8 --quick --out "$OUT"
   stage overhead 20 "$PY" bench/overhead.py --device cuda --quick --out "$OUT"
   stage serving 40 "$PY" bench/serving.py --device cuda --dtype bf16 --adapters 2,8 --batch 64 --repeats 10 --models vit_small,resnet50 --out "$OUT"
-  # Unmerged inference at the quick sizes (batch 8 at 96 px, 2 × 0.5 s of audio): calls of
-  # few rows on large weights run A and B on the activations instead of a kept W + ΔW.
-  stage inference-small 30 "$PY" bench/train_step.py --device cuda --dtype bf16 --quick --inference-only --repeats 20 --runs 3 \
+  # Unmerged inference at one sample a call (224 px, 1 s of audio): every layer reads a
+  # kept W + ΔW, so what is left is the host's work per adapted layer.
+  stage inference-small 30 "$PY" bench/train_step.py --device cuda --dtype bf16 --inference-only --batch 1 --repeats 20 --runs 3 \
     --models resnet50,vit_small,swin_tiny,wav2vec2_base --out "$OUT"
 fi
 
 # Every result as gpu_<what>.{md,json,png} (the dry run keeps the names it gets).
-for f in "$OUT"/inference_cuda_quick.*; do
+for f in "$OUT"/inference_cuda_batch1.*; do
   [ -f "$f" ] && mv "$f" "$OUT/gpu_inference_small.${f##*.}"
 done
 for f in "$OUT"/train_step_cuda.* "$OUT"/memory_cuda.* "$OUT"/serving_cuda.* "$OUT"/overhead_cuda.* "$OUT"/layer_paths_cuda.*; do
@@ -83,7 +83,7 @@ rmdir "$OUT/compiled" 2>/dev/null
   echo
   grep -h "^== .*: exit" "$LOG"
   for f in "$OUT"/gpu_train_step.md "$OUT"/gpu_train_step_compiled.md "$OUT"/gpu_memory.md "$OUT"/gpu_serving.md \
-    "$OUT"/gpu_layer_paths.md "$OUT"/gpu_overhead.md "$OUT"/gpu_inference_small.md "$OUT"/train_step_quick.md "$OUT"/memory_quick.md "$OUT"/serving_quick.md "$OUT"/overhead.md "$OUT"/inference_quick.md; do
+    "$OUT"/gpu_layer_paths.md "$OUT"/gpu_overhead.md "$OUT"/gpu_inference_small.md "$OUT"/train_step_quick.md "$OUT"/memory_quick.md "$OUT"/serving_quick.md "$OUT"/overhead.md "$OUT"/inference_quick_batch1.md; do
     [ -f "$f" ] && { echo; echo "## $(basename "$f")"; echo; cat "$f"; }
   done
 } >"$OUT/gpu_summary.md"

@@ -3,6 +3,7 @@
     .venv/bin/python bench/train_step.py            # every model
     .venv/bin/python bench/train_step.py --quick    # fewer repeats, smaller models
     .venv/bin/python bench/train_step.py --compile  # also floor, full FT and LoRA under torch.compile
+    .venv/bin/python bench/train_step.py --compile --compiled-only --no-inference --models gat --out DIR   # those alone
     .venv/bin/python bench/train_step.py --device cuda --dtype bf16   # on a GPU, bf16 autocast
     .venv/bin/python bench/train_step.py --models gcn,gat --update   # rerun some rows of the table
     .venv/bin/python bench/train_step.py --one-block --out DIR   # also LoRA before `kernels.rank_blocks`
@@ -301,6 +302,7 @@ class Setup:
     one_block: bool = False  # also LoRA with its rank-r products in one block of rows
     linear_width: int | None = None  # also LoRA planned with this `LINEAR_WIDTH`
     native_depthwise: bool = False  # also LoRA with torch's own depthwise weight gradients
+    compiled_only: bool = False  # with compile: only the compiled contenders (fewer models in memory at once)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device, dtype=torch.bfloat16) if self.dtype == "bf16" else contextlib.nullcontext()
@@ -336,7 +338,7 @@ def contenders(case: Case, rank: int, with_peft: bool, setup: Setup | None = Non
         makers[f"lora_anywhere, Linear width {setup.linear_width}"] = _planned_with_linear_width(setup.linear_width, rank)
     if with_peft:
         makers["PEFT LoRA"] = lambda m: peft_lora(m, rank)
-    plan = [(name, make, False) for name, make in makers.items()]
+    plan = [] if setup.compile and setup.compiled_only else [(name, make, False) for name, make in makers.items()]
     if setup.compile:
         plan += [(f"{name}, compiled", makers[name], True) for name in COMPILED]
     out = []
@@ -485,9 +487,10 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         cells = [_cell(r["contenders"][n]) if n in r["contenders"] else "–" for n in names]
         lora = r["contenders"].get("lora_anywhere", {})
+        compiled = r["contenders"].get("lora_anywhere, compiled", {}).get("ratio_to_full")
         full = f"{lora['ratio_to_full']:.2f}" if lora.get("ratio_to_full") else "–"
-        if lora.get("ratio_to_full") and r["contenders"].get("lora_anywhere, compiled", {}).get("ratio_to_full"):
-            full += f" (compiled {r['contenders']['lora_anywhere, compiled']['ratio_to_full']:.2f})"
+        if compiled:
+            full = f"{full} (compiled {compiled:.2f})" if lora.get("ratio_to_full") else f"compiled {compiled:.2f}"
         peft_ran = "PEFT LoRA" in r["contenders"]
         peft = f"{lora['ratio_to_peft']:.2f}" if lora.get("ratio_to_peft") else ("PEFT refuses" if peft_ran else "not run")
         lines.append(f"| {r['case']} ({r['note']}) | " + " | ".join(cells) + f" | {full} | {peft} |")
@@ -586,6 +589,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: steps under bf16 autocast")
     parser.add_argument("--compile", action="store_true", help="also the floor, full fine-tuning and LoRA under torch.compile")
+    parser.add_argument("--compiled-only", action="store_true", help="with --compile: only the compiled contenders")
     parser.add_argument(
         "--one-block", action="store_true", help="also LoRA with its Linears' rank-r products in one block of rows (as before rank_blocks)"
     )
@@ -606,7 +610,9 @@ def main() -> None:
         "--update", action="store_true", help="replace only these models' rows in the results of the same settings (and --repeats)"
     )
     args = parser.parse_args()
-    setup = Setup(args.device, args.dtype, args.compile, args.one_block, args.linear_width, args.native_depthwise)
+    if args.compiled_only and not args.compile:
+        parser.error("--compiled-only needs --compile")
+    setup = Setup(args.device, args.dtype, args.compile, args.one_block, args.linear_width, args.native_depthwise, args.compiled_only)
     stem = "train_step" + ("_cuda" if args.device == "cuda" else "") + ("_quick" if args.quick else "") + _batch_suffix(args)
     if args.plot_only:
         plot(json.loads((args.out / f"{stem}.json").read_text())["results"], args.out / f"{stem}.png")
@@ -639,6 +645,7 @@ def main() -> None:
         **({"one_block": True} if args.one_block else {}),
         **({"linear_width": args.linear_width} if args.linear_width is not None else {}),
         **({"native_depthwise": True} if args.native_depthwise else {}),
+        **({"compiled_only": True} if args.compiled_only else {}),
         **({"batch": args.batch} if args.batch is not None else {}),
         "runs": args.runs,
     }

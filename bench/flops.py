@@ -39,9 +39,8 @@ import torch
 from results_file import merged_rows, write_results
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
-from train_step import Case, _patched, bitfit, cases, peft_lora
+from train_step import Case, _patched, cases, route_makers
 
-import lora_anywhere as la
 from lora_anywhere.rules import torch_nn
 
 RESULTS = Path(__file__).parent / "results"
@@ -118,16 +117,8 @@ def run_case(case: Case, rank: int) -> dict:
     torch.manual_seed(0)
     base = case.build()
     inputs = case.inputs()
-    makers: dict[str, Callable[[nn.Module], nn.Module]] = {
-        "BitFit floor": bitfit,
-        "full fine-tuning": lambda m: m,
-        "lora_anywhere": lambda m: la.apply(m, rank=rank),
-        "lora_anywhere, weight route": lambda m: la.apply(m, rank=rank, route="weight"),
-        "lora_anywhere, activation route": lambda m: la.apply(m, rank=rank, route="activation"),
-        "PEFT LoRA": lambda m: peft_lora(m, rank),
-    }
     rows: dict[str, dict] = {}
-    for name, make in makers.items():
+    for name, make in route_makers(rank).items():
         try:
             model = make(copy.deepcopy(base))
         except Exception as exc:  # PEFT refuses some layers

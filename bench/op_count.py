@@ -25,12 +25,11 @@ import copy
 import platform
 import sys
 from pathlib import Path
-from typing import Callable
 
 import torch
 from results_file import merged_rows, write_results
 from torch import nn
-from train_step import Case, bitfit, cases, peft_lora
+from train_step import Case, cases, route_makers
 
 import lora_anywhere as la
 from lora_anywhere import kernels
@@ -74,13 +73,8 @@ def run_case(case: Case, rank: int) -> dict:
     torch.manual_seed(0)
     base = case.build()
     inputs = case.inputs()
-    makers: dict[str, Callable[[nn.Module], nn.Module]] = {
-        "BitFit floor": bitfit,
-        "full fine-tuning": lambda m: m,
-        "lora_anywhere, weight route": lambda m: la.apply(m, rank=rank, route="weight"),
-        "lora_anywhere, activation route": lambda m: la.apply(m, rank=rank, route="activation"),
-        "PEFT LoRA": lambda m: peft_lora(m, rank),
-    }
+    # LoRA as planned: its inference is counted below; its train step, route by route.
+    makers = {name: make for name, make in route_makers(rank).items() if name != "lora_anywhere"}
     rows: dict[str, dict] = {}
     layers = None
     for name, make in makers.items():

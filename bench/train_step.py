@@ -282,6 +282,20 @@ def peft_lora(model: nn.Module, rank: int) -> nn.Module:
     return peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=names))
 
 
+def route_makers(rank: int) -> dict[str, Callable[[nn.Module], nn.Module]]:
+    """The floor, full fine-tuning, LoRA as `apply` plans it and on each route forced for
+    every layer, and PEFT: the contenders that `bench/op_count.py` and `bench/flops.py`
+    count, each a function that makes one from a copy of the base model."""
+    return {
+        "BitFit floor": bitfit,
+        "full fine-tuning": lambda m: m,
+        "lora_anywhere": lambda m: la.apply(m, rank=rank),
+        "lora_anywhere, weight route": lambda m: la.apply(m, rank=rank, route="weight"),
+        "lora_anywhere, activation route": lambda m: la.apply(m, rank=rank, route="activation"),
+        "PEFT LoRA": lambda m: peft_lora(m, rank),
+    }
+
+
 @dataclass
 class Contender:
     name: str
@@ -320,24 +334,21 @@ def contenders(case: Case, rank: int, with_peft: bool, setup: Setup | None = Non
     setup = setup or Setup()
     torch.manual_seed(0)
     base = case.build()
-    makers: dict[str, Callable[[nn.Module], nn.Module]] = {
-        "full fine-tuning": lambda m: m,
-        "BitFit floor": bitfit,
-        "lora_anywhere": lambda m: la.apply(m, rank=rank),
-        "lora_anywhere, weight route": lambda m: la.apply(m, rank=rank, route="weight"),
-    }
+    routes = route_makers(rank)
+    shown = ("full fine-tuning", "BitFit floor", "lora_anywhere", "lora_anywhere, weight route")
+    makers = {name: routes[name] for name in shown}
     if setup.device != "cpu":
         # A GPU trains small calls of activation-route layers on W + ΔW
         # (`SMALL_CALL_OFF_CPU`): the forced activation route shows what that choice gains.
-        makers["lora_anywhere, activation route"] = lambda m: la.apply(m, rank=rank, route="activation")
+        makers["lora_anywhere, activation route"] = routes["lora_anywhere, activation route"]
     if setup.one_block:
-        makers["lora_anywhere, one block"] = lambda m: la.apply(m, rank=rank)
+        makers["lora_anywhere, one block"] = routes["lora_anywhere"]
     if setup.native_depthwise:
-        makers["lora_anywhere, native depthwise"] = lambda m: la.apply(m, rank=rank)
+        makers["lora_anywhere, native depthwise"] = routes["lora_anywhere"]
     if setup.linear_width is not None:
         makers[f"lora_anywhere, Linear width {setup.linear_width}"] = _planned_with_linear_width(setup.linear_width, rank)
     if with_peft:
-        makers["PEFT LoRA"] = lambda m: peft_lora(m, rank)
+        makers["PEFT LoRA"] = routes["PEFT LoRA"]
     plan = [] if setup.compile and setup.compiled_only else [(name, make, False) for name, make in makers.items()]
     if setup.compile:
         plan += [(f"{name}, compiled", makers[name], True) for name in COMPILED]

@@ -484,19 +484,22 @@ class LayerAdapter(nn.Module):
         pieces = _row_pieces(blocks, w.shape[0], lambda t: self._plus_low_rank(t, w[t.rows[0] : t.rows[1]]), lambda i, j: w[i:j])
         return None if pieces is None else torch.cat(pieces)
 
-    def inputs_of(self, owner: str, tensor: str) -> list[torch.Tensor]:
-        """Every tensor `add_to` reads to update this tensor (none if it leaves it alone)."""
-        out: list[torch.Tensor] = []
+    def input_slots(self, owner: str, tensor: str) -> list[tuple[dict[str, Any], str]]:
+        """Where each tensor `add_to` reads to update this tensor lives (none if it
+        leaves it alone): the `_parameters` or `_buffers` dict of its module, and its key.
+        A kept W + ΔW (`weight_cache`) rereads these places at each call, so a tensor
+        put in their place is seen without asking the adapter again."""
+        out: list[tuple[dict[str, Any], str]] = []
         targets = self._on_tensor.get((owner, tensor))
         if targets is None:
             return out
         factors, dora = self._modules["factors"]._modules, self.dora
         for t in targets:
             f = factors[t.name]
-            out += f._parameters.values()
-            out += f._buffers.values()
+            out += [(f._parameters, k) for k in f._parameters]
+            out += [(f._buffers, k) for k in f._buffers]
             if dora:
-                out.append(self.magnitudes[t.name])
+                out.append((self._modules["magnitudes"]._parameters, t.name))
         return out
 
     def _sharded(self, blocks: list[ResolvedTarget]) -> bool:

@@ -85,18 +85,18 @@ def _tensor_property(tensor: str) -> property:
 
 def _kept_tensor(owner: nn.Module, tensor: str) -> torch.Tensor:
     """`effective_tensor`, formed once for all the no-grad calls that see the same inputs."""
-    layer, owner_name = owner.__dict__[_LAYER], owner.__dict__[_OWNER_NAME]
-    inputs = [owner._parameters[tensor]]
-    for adapter in layer._modules[ADAPTERS].values():
-        if adapter.live:
-            inputs += adapter.inputs_of(owner_name, tensor)
-    value = weight_cache.kept(owner, tensor, inputs)
+    value = weight_cache.kept(owner, tensor)
     if value is None:
+        layer, owner_name = owner.__dict__[_LAYER], owner.__dict__[_OWNER_NAME]
+        slots: list[weight_cache.Slot] = [(owner._parameters, tensor)]
+        for adapter in layer._modules[ADAPTERS].values():
+            if adapter.live:
+                slots += adapter.input_slots(owner_name, tensor)
         # Formed outside inference mode, where a tensor gets no version counter: the
         # check that nobody changed it in place needs one.
         with torch.inference_mode(False), torch.no_grad():
             value = effective_tensor(owner, tensor)
-        weight_cache.keep(owner, tensor, inputs, value)
+        weight_cache.keep(owner, tensor, slots, value)
     return value
 
 

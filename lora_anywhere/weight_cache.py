@@ -22,15 +22,18 @@ graph is compiled (the compiled graph forms W + ΔW itself) or in a process grou
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-#: On a tensor owner: tensor name → (what it was formed from, the tensors held, W + ΔW, its version).
+#: On a tensor owner: tensor name → (where its inputs live, their fingerprint, what is held, W + ΔW, its version).
 KEPT = "_lora_kept_weights"
 
+#: Where a tensor that W + ΔW is formed from lives: its module's `_parameters` (or
+#: `_buffers`) dict and its key there.
+Slot = tuple[dict[str, Any], str]
 
 _DISTRIBUTED = dist.is_available()  # fixed for the build; asked on every no-grad call otherwise
 
@@ -42,17 +45,21 @@ def usable() -> bool:
     return not (_DISTRIBUTED and dist.is_initialized())
 
 
-def _fingerprint(inputs: Sequence[torch.Tensor]) -> tuple | None:
-    """Each input's identity, storage and version, and those of its gradient: a fused
-    optimizer writes parameters without counting a version, but only after a backward
-    has changed their gradients. None where an input is not a plain leaf tensor (one
-    computed for this call, as `torch.func.functional_call` passes): nothing is kept."""
-    # One plain loop: it runs for every adapted tensor an unmerged layer reads without
-    # gradients, where the base layer's own call costs a few tens of microseconds.
+def _fingerprint(slots: Sequence[Slot]) -> tuple | None:
+    """The identity, storage and version of the tensor in each slot now, and those of
+    its gradient: a fused optimizer writes parameters without counting a version, but
+    only after a backward has changed their gradients. None where a slot holds
+    something other than a plain leaf tensor (one computed for this call, as
+    `torch.func.functional_call` puts there): nothing is kept."""
+    # One plain loop over the places themselves: it runs for every adapted tensor an
+    # unmerged layer reads without gradients, where the base layer's own call costs a
+    # few tens of microseconds, and Python work between the layer's kernels also slows
+    # the kernels (measured: each microsecond of it cost about three).
     prints = []
     try:
-        for t in inputs:
-            if not t.is_leaf:
+        for d, k in slots:
+            t = d.get(k)
+            if t is None or not t.is_leaf:
                 return None
             grad = t.grad
             prints.append((id(t), t.data_ptr(), t._version, None if grad is None else (id(grad), grad._version)))
@@ -61,26 +68,29 @@ def _fingerprint(inputs: Sequence[torch.Tensor]) -> tuple | None:
     return tuple(prints)
 
 
-def kept(owner: nn.Module, tensor: str, inputs: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """The weight kept for `tensor` if it was formed from exactly these `inputs`, as
-    they are now, and nobody changed it in place since."""
+def kept(owner: nn.Module, tensor: str) -> torch.Tensor | None:
+    """The weight kept for `tensor` if the tensors it was formed from are still the
+    ones in their places, unchanged, and nobody changed it in place since."""
     entry = owner.__dict__.get(KEPT, {}).get(tensor)
     if entry is None:
         return None
-    fingerprint, _, value, version = entry
-    if value._version != version or fingerprint != _fingerprint(inputs):
+    slots, fingerprint, _, value, version = entry
+    if value._version != version or fingerprint != _fingerprint(slots):
         return None
     return value
 
 
-def keep(owner: nn.Module, tensor: str, inputs: Sequence[torch.Tensor], value: torch.Tensor) -> None:
-    fingerprint = _fingerprint(inputs)
+def keep(owner: nn.Module, tensor: str, slots: Sequence[Slot], value: torch.Tensor) -> None:
+    """Keep `value`, formed from the tensors now in `slots`, for later no-grad calls.
+    The slots stay right until the adapters on `tensor` change, which drops it."""
+    fingerprint = _fingerprint(slots)
     if fingerprint is None or value.is_inference():
         return
     # The inputs and their gradients are held (the gradients are the adapters': small), so
     # that no id in the fingerprint can be reused by another tensor.
+    inputs = [d[k] for d, k in slots]
     held = (*inputs, *(t.grad for t in inputs if t.grad is not None))
-    owner.__dict__.setdefault(KEPT, {})[tensor] = (fingerprint, held, value, value._version)
+    owner.__dict__.setdefault(KEPT, {})[tensor] = (tuple(slots), fingerprint, held, value, value._version)
 
 
 def holds(owner: nn.Module) -> bool:

@@ -111,6 +111,15 @@ def _write_into_the_weight_read(model: nn.Module) -> None:
         model.head.weight.mul_(0)  # a reader changing what it was handed, in place
 
 
+def _put_a_new_factor_in_place(model: nn.Module) -> None:
+    factor = next(iter(model.head.lora_adapters.values())).factors["weight"]
+    factor.B = nn.Parameter(factor.B.detach() + 1)  # a new tensor in the same place
+
+
+def _put_a_new_base_weight_in_place(model: nn.Module) -> None:
+    model.head.weight = nn.Parameter(model.head._parameters["weight"].detach() * 2)
+
+
 def _to_double(model: nn.Module) -> None:
     model.double()
 
@@ -126,6 +135,8 @@ CHANGES = {
     "hotswap_adapter": _load_other_adapter,
     "base weight in place": _change_a_base_weight,
     "write into the weight read": _write_into_the_weight_read,
+    "new factor tensor": _put_a_new_factor_in_place,
+    "new base weight": _put_a_new_base_weight_in_place,
     "to(float64)": _to_double,
     "merge, unmerge": _merge_and_unmerge,
 }

@@ -18,6 +18,7 @@ from .errors import LoraError
 from .kernels import autocast_dtype, plus_low_rank
 from .rule import Rule
 from .sharding import is_sharded, may_be_sharded
+from .weight_cache import Slot
 
 #: How an adapter reaches a layer's output (its compute route): added on the layer's
 #: activations, or through the weight the layer reads (W + ΔW). Both give the same numbers.
@@ -484,12 +485,12 @@ class LayerAdapter(nn.Module):
         pieces = _row_pieces(blocks, w.shape[0], lambda t: self._plus_low_rank(t, w[t.rows[0] : t.rows[1]]), lambda i, j: w[i:j])
         return None if pieces is None else torch.cat(pieces)
 
-    def input_slots(self, owner: str, tensor: str) -> list[tuple[dict[str, Any], str]]:
+    def input_slots(self, owner: str, tensor: str) -> list[Slot]:
         """Where each tensor `add_to` reads to update this tensor lives (none if it
         leaves it alone): the `_parameters` or `_buffers` dict of its module, and its key.
         A kept W + ΔW (`weight_cache`) rereads these places at each call, so a tensor
         put in their place is seen without asking the adapter again."""
-        out: list[tuple[dict[str, Any], str]] = []
+        out: list[Slot] = []
         targets = self._on_tensor.get((owner, tensor))
         if targets is None:
             return out
